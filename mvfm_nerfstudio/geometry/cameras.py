@@ -1,0 +1,288 @@
+"""Camera conventions, validation, normalisation and Plücker ray maps.
+
+Conventions used throughout the MVFM core (kornia style):
+
+* **OpenCV camera frame**: x right, y down, z forward (the camera looks along +z).
+* **OpenGL / Nerfstudio camera frame**: x right, y up, z backward (looks along -z).
+* ``cam_to_world``: ``[..., 4, 4]`` homogeneous matrix mapping camera coordinates to
+  world coordinates, ``X_world = R @ X_cam + t``. The camera centre is ``t``.
+* ``intrinsics``: ``[..., 3, 3]`` pinhole matrix ``[[fx, s, cx], [0, fy, cy], [0, 0, 1]]``
+  in pixels of the image the rays are computed for.
+* Pixel coordinates: ``u`` runs along the width (columns), ``v`` along the height (rows);
+  the centre of pixel ``(row i, col j)`` is at ``(u, v) = (j + 0.5, i + 0.5)``, i.e. the
+  top-left corner of the image is ``(0, 0)`` (the COLMAP / OpenCV-with-centres convention).
+* Units: whatever the world uses; :func:`normalize_cameras` removes the scale.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Tuple
+
+import torch
+
+__all__ = [
+    "CameraError",
+    "OPENGL_TO_OPENCV",
+    "opencv_to_opengl",
+    "opengl_to_opencv",
+    "to_homogeneous",
+    "validate_intrinsics",
+    "validate_cam_to_world",
+    "geometric_median",
+    "mean_rotation",
+    "normalize_cameras",
+    "pixel_centers",
+    "camera_rays",
+    "plucker_rays",
+]
+
+
+class CameraError(ValueError):
+    """Raised for invalid camera inputs (NaN, non-rotation, bad intrinsics, wrong shape)."""
+
+
+# Flips y and z: converts between the OpenCV and OpenGL camera frames (its own inverse).
+OPENGL_TO_OPENCV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+
+
+def to_homogeneous(cam_to_world: torch.Tensor) -> torch.Tensor:
+    """Pad ``[..., 3, 4]`` poses to ``[..., 4, 4]``; ``[..., 4, 4]`` is returned unchanged."""
+    if cam_to_world.shape[-2:] == (4, 4):
+        return cam_to_world
+    if cam_to_world.shape[-2:] != (3, 4):
+        raise CameraError(f"camera poses must be [..., 3, 4] or [..., 4, 4], got {tuple(cam_to_world.shape)}")
+    bottom = torch.zeros(*cam_to_world.shape[:-2], 1, 4, dtype=cam_to_world.dtype, device=cam_to_world.device)
+    bottom[..., 0, 3] = 1
+    return torch.cat([cam_to_world, bottom], dim=-2)
+
+
+def _flip_yz(cam_to_world: torch.Tensor) -> torch.Tensor:
+    flip = OPENGL_TO_OPENCV.to(dtype=cam_to_world.dtype, device=cam_to_world.device)
+    c2w = to_homogeneous(cam_to_world)
+    out = c2w @ flip
+    return out if cam_to_world.shape[-2] == 4 else out[..., :3, :]
+
+
+def opengl_to_opencv(cam_to_world: torch.Tensor) -> torch.Tensor:
+    """Convert OpenGL/Nerfstudio camera-to-world ``[..., 3|4, 4]`` to OpenCV convention.
+
+    Only the camera axes change (y and z are negated); the camera centre and the world
+    frame are unchanged. The output has the same shape as the input.
+    """
+    return _flip_yz(cam_to_world)
+
+
+def opencv_to_opengl(cam_to_world: torch.Tensor) -> torch.Tensor:
+    """Convert OpenCV camera-to-world ``[..., 3|4, 4]`` to OpenGL/Nerfstudio convention."""
+    return _flip_yz(cam_to_world)
+
+
+def _view_index(flat_index: int, batch_shape: Tuple[int, ...]) -> str:
+    if not batch_shape:
+        return ""
+    idx = []
+    for size in reversed(batch_shape):
+        idx.append(flat_index % size)
+        flat_index //= size
+    return " at index " + str(tuple(reversed(idx)))
+
+
+def validate_intrinsics(intrinsics: torch.Tensor, name: str = "intrinsics") -> None:
+    """Check ``[..., 3, 3]`` pinhole matrices: finite, positive focal lengths, last row (0, 0, 1).
+
+    Raises:
+        CameraError: naming the first offending camera.
+    """
+    if intrinsics.shape[-2:] != (3, 3):
+        raise CameraError(f"{name} must be [..., 3, 3], got {tuple(intrinsics.shape)}")
+    batch_shape = tuple(intrinsics.shape[:-2])
+    flat = intrinsics.detach().reshape(-1, 3, 3).double()
+    bad = ~torch.isfinite(flat).all(dim=(-1, -2))
+    if bad.any():
+        raise CameraError(f"{name} contain NaN or inf{_view_index(int(bad.nonzero()[0]), batch_shape)}")
+    bad = (flat[:, 0, 0] <= 0) | (flat[:, 1, 1] <= 0)
+    if bad.any():
+        raise CameraError(f"{name} need positive focal lengths fx, fy{_view_index(int(bad.nonzero()[0]), batch_shape)}")
+    last_row = torch.tensor([0.0, 0.0, 1.0], dtype=flat.dtype)
+    bad = ((flat[:, 2] - last_row).abs() > 1e-6).any(dim=-1) | (flat[:, 1, 0].abs() > 1e-6)
+    if bad.any():
+        raise CameraError(
+            f"{name} must be upper-triangular pinhole matrices with last row (0, 0, 1)"
+            f"{_view_index(int(bad.nonzero()[0]), batch_shape)}"
+        )
+
+
+def validate_cam_to_world(cam_to_world: torch.Tensor, name: str = "cam_to_world", atol: float = 1e-3) -> None:
+    """Check ``[..., 4, 4]`` poses: finite, rotation block orthonormal with det +1, last row (0, 0, 0, 1).
+
+    Args:
+        cam_to_world: poses to check.
+        atol: tolerance on ``R^T R - I`` and ``det R - 1`` (float32 poses read from text
+            files are only orthonormal to ~1e-6; 1e-3 still rejects scaled or sheared poses).
+
+    Raises:
+        CameraError: naming the first offending camera.
+    """
+    if cam_to_world.shape[-2:] != (4, 4):
+        raise CameraError(f"{name} must be [..., 4, 4], got {tuple(cam_to_world.shape)}")
+    batch_shape = tuple(cam_to_world.shape[:-2])
+    flat = cam_to_world.detach().reshape(-1, 4, 4).double()
+    bad = ~torch.isfinite(flat).all(dim=(-1, -2))
+    if bad.any():
+        raise CameraError(f"{name} contain NaN or inf{_view_index(int(bad.nonzero()[0]), batch_shape)}")
+    last_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=flat.dtype)
+    bad = ((flat[:, 3] - last_row).abs() > 1e-6).any(dim=-1)
+    if bad.any():
+        raise CameraError(f"{name} must have last row (0, 0, 0, 1){_view_index(int(bad.nonzero()[0]), batch_shape)}")
+    rot = flat[:, :3, :3]
+    eye = torch.eye(3, dtype=flat.dtype)
+    ortho_err = (rot.transpose(-1, -2) @ rot - eye).abs().amax(dim=(-1, -2))
+    det = torch.linalg.det(rot)
+    bad = (ortho_err > atol) | ((det - 1).abs() > atol)
+    if bad.any():
+        i = int(bad.nonzero()[0])
+        raise CameraError(
+            f"{name} rotation block is not a rotation (|R^T R - I| = {float(ortho_err[i]):.3g}, "
+            f"det = {float(det[i]):.3g}){_view_index(i, batch_shape)}; "
+            "poses must be rigid camera-to-world transforms without scale or reflection"
+        )
+
+
+def geometric_median(points: torch.Tensor, iters: int = 64, eps: float = 1e-9) -> torch.Tensor:
+    """Robust centre of a point set by Weiszfeld iterations.
+
+    Equivariant to rotation, translation and scale of the points (unlike a per-coordinate
+    median), and robust to a minority of outliers (unlike the mean).
+
+    Args:
+        points: ``[..., N, D]``.
+    Returns:
+        ``[..., D]``.
+    """
+    center = points.mean(dim=-2)
+    scale = (points - center.unsqueeze(-2)).norm(dim=-1).mean(dim=-1, keepdim=True).clamp_min(1e-30)
+    for _ in range(iters):
+        dist = (points - center.unsqueeze(-2)).norm(dim=-1)
+        weights = 1.0 / torch.clamp(dist, min=eps * scale)
+        center = (weights.unsqueeze(-1) * points).sum(-2) / weights.sum(-1, keepdim=True)
+    return center
+
+
+def mean_rotation(rotations: torch.Tensor) -> torch.Tensor:
+    """Chordal L2 mean of rotations ``[..., N, 3, 3] -> [..., 3, 3]``.
+
+    Projects the arithmetic mean onto SO(3) with an SVD. It is left-equivariant
+    (``mean(G R_i) = G mean(R_i)``) and independent of the order of the rotations.
+    """
+    m = rotations.double().sum(dim=-3)
+    u, _, vh = torch.linalg.svd(m)
+    d = torch.sign(torch.linalg.det(u @ vh))
+    fix = torch.ones_like(m[..., 0])
+    fix[..., 2] = d
+    return (u * fix.unsqueeze(-2)) @ vh
+
+
+ReferenceFrame = Literal["mean", "first"]
+
+
+def normalize_cameras(
+    cam_to_world: torch.Tensor,
+    reference: ReferenceFrame = "mean",
+    radius: float = 2.0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Express a set of cameras in a canonical frame that removes global rigid motion and scale.
+
+    Follows the MVFM recipe (centre the cameras, fix the scale, rotate into a reference
+    frame), made robust to outlier cameras:
+
+    1. origin = geometric median of the camera centres;
+    2. scale so the *median* camera distance to that origin is ``radius`` (the paper puts
+       the reference view at distance 2; the median cannot be zero or explode because of
+       one view). If all centres coincide (pure rotation) the scale is left at 1;
+    3. axes = the rotation of view 0 (``reference="first"``, as in the paper) or the
+       chordal mean rotation of all views (``reference="mean"``, which makes the result
+       independent of view order).
+
+    Args:
+        cam_to_world: ``[..., S, 4, 4]`` OpenCV camera-to-world poses of one set of S views.
+        reference: which rotation defines the canonical axes.
+        radius: target median distance of the camera centres from the origin.
+
+    Returns:
+        ``(normalized [..., S, 4, 4], scale [...])``: the poses in the canonical frame
+        (same dtype as the input) and the scale factor applied to world units.
+    """
+    c2w = cam_to_world.double()
+    rot, centers = c2w[..., :3, :3], c2w[..., :3, 3]
+    origin = geometric_median(centers)
+    offsets = centers - origin.unsqueeze(-2)
+    median_dist = offsets.norm(dim=-1).median(dim=-1).values
+    # A set whose cameras (nearly) coincide has no meaningful scale.
+    extent = centers.abs().amax(dim=(-1, -2)).clamp_min(1.0)
+    degenerate = median_dist <= 1e-9 * extent
+    scale = torch.where(degenerate, torch.ones_like(median_dist), radius / median_dist.clamp_min(1e-300))
+    if reference == "first":
+        ref_rot = rot[..., 0, :, :]
+    elif reference == "mean":
+        ref_rot = mean_rotation(rot)
+    else:
+        raise ValueError(f"reference must be 'mean' or 'first', got {reference!r}")
+    ref_inv = ref_rot.transpose(-1, -2).unsqueeze(-3)
+    out = torch.zeros_like(c2w)
+    out[..., :3, :3] = ref_inv @ rot
+    out[..., :3, 3] = (ref_inv @ (offsets * scale[..., None, None]).unsqueeze(-1)).squeeze(-1)
+    out[..., 3, 3] = 1
+    return out.to(cam_to_world.dtype), scale.to(cam_to_world.dtype)
+
+
+def pixel_centers(
+    height: int, width: int, device: Optional[torch.device] = None, dtype: torch.dtype = torch.float32
+) -> torch.Tensor:
+    """Pixel-centre coordinates ``[H, W, 2]`` as ``(u, v) = (col + 0.5, row + 0.5)``."""
+    v, u = torch.meshgrid(
+        torch.arange(height, device=device, dtype=dtype) + 0.5,
+        torch.arange(width, device=device, dtype=dtype) + 0.5,
+        indexing="ij",
+    )
+    return torch.stack([u, v], dim=-1)
+
+
+def camera_rays(
+    intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """World-space rays through every pixel centre.
+
+    Args:
+        intrinsics: ``[..., 3, 3]`` pinhole matrices in pixels of an ``height x width`` image.
+        cam_to_world: ``[..., 4, 4]`` OpenCV camera-to-world poses.
+
+    Returns:
+        ``(origins [..., H, W, 3], directions [..., H, W, 3])`` with unit directions.
+    """
+    pix = pixel_centers(height, width, device=intrinsics.device, dtype=intrinsics.dtype)
+    pix_h = torch.cat([pix, torch.ones_like(pix[..., :1])], dim=-1)  # [H, W, 3]
+    k_inv = torch.linalg.inv(intrinsics)  # [..., 3, 3]
+    dirs_cam = torch.einsum("...ij,hwj->...hwi", k_inv, pix_h)
+    dirs = torch.einsum("...ij,...hwj->...hwi", cam_to_world[..., :3, :3], dirs_cam)
+    dirs = dirs / dirs.norm(dim=-1, keepdim=True)
+    origins = cam_to_world[..., None, None, :3, 3].expand_as(dirs)
+    return origins, dirs
+
+
+def plucker_rays(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Per-pixel Plücker ray map ``(d, o x d)`` at image resolution.
+
+    Args:
+        intrinsics: ``[..., 3, 3]`` pinhole matrices in pixels of an ``height x width`` image.
+        cam_to_world: ``[..., 4, 4]`` OpenCV camera-to-world poses (usually normalised first
+            with :func:`normalize_cameras`).
+        height, width: image size in pixels.
+
+    Returns:
+        ``[..., 6, H, W]``: channels 0-2 the unit ray direction ``d``, channels 3-5 the
+        moment ``o x d`` (``o`` = camera centre), both in world coordinates.
+    """
+    origins, dirs = camera_rays(intrinsics, cam_to_world, height, width)
+    moments = torch.cross(origins, dirs, dim=-1)
+    rays = torch.cat([dirs, moments], dim=-1)  # [..., H, W, 6]
+    return rays.movedim(-1, -3)

@@ -1,0 +1,156 @@
+"""Cross-view attention: every view's patch tokens attend to tokens of other views.
+
+Two computations of the same operator (gsplat style: a simple reference and a fast path):
+
+* joint (the paper): all tokens of all S views attend to each other, one
+  ``scaled_dot_product_attention`` over ``S*T`` tokens; cost grows with ``S^2``.
+* neighbourhood: each view attends to its own tokens plus those of ``K`` selected views,
+  whose keys/values can be average-pooled on the patch grid; cost grows with ``S*K``.
+  With ``K = S - 1`` and no pooling it computes exactly the joint attention.
+
+Both use PyTorch SDPA, so no ``[tokens x tokens]`` matrix is materialised by this code.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ["CrossViewAttention", "select_neighbor_views", "all_other_views"]
+
+
+def all_other_views(batch: int, views: int, device: Optional[torch.device] = None) -> torch.Tensor:
+    """Neighbour table ``[B, S, S-1]`` listing, for each view, every other view."""
+    idx = torch.arange(views, device=device)
+    table = idx.expand(views, views)
+    mask = ~torch.eye(views, dtype=torch.bool, device=device)
+    return table[mask].view(views, views - 1).expand(batch, -1, -1)
+
+
+def select_neighbor_views(
+    num_neighbors: int, views: int, batch: int = 1, cam_to_world: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Choose, for each view, the ``K = min(num_neighbors, S-1)`` closest other views.
+
+    Closeness with poses: ``|c_i - c_j| / r + (1 - cos angle(z_i, z_j))`` where ``c`` are
+    camera centres, ``z`` optical axes and ``r`` the median camera distance to the centroid
+    (use normalised poses from :func:`~mvfm_nerfstudio.geometry.cameras.normalize_cameras`,
+    whose median distance is 2). Without poses, views are taken as a sequence and the
+    closest indices are chosen (``i-1, i+1, i-2, ...``).
+
+    Args:
+        num_neighbors: wanted K.
+        views: S.
+        cam_to_world: optional ``[B, S, 4, 4]`` OpenCV poses.
+
+    Returns:
+        ``[B, S, K]`` long indices of the neighbour views (never the view itself), closest first.
+    """
+    k = min(num_neighbors, views - 1)
+    if cam_to_world is not None:
+        device = cam_to_world.device
+        batch = cam_to_world.shape[0]
+        centers = cam_to_world[..., :3, 3].double()
+        axes = cam_to_world[..., :3, 2].double()
+        radius = (centers - centers.mean(-2, keepdim=True)).norm(dim=-1).median(-1).values.clamp_min(1e-12)
+        dist = torch.cdist(centers, centers) / radius[:, None, None]
+        dist = dist + (1 - axes @ axes.transpose(-1, -2))
+    else:
+        idx = torch.arange(views, device=device, dtype=torch.float64)
+        # |i - j|, with a small bias so the earlier of two equally distant views comes first
+        dist = (idx[:, None] - idx[None, :]).abs() + 1e-3 * (idx[None, :] > idx[:, None])
+        dist = dist.expand(batch, -1, -1)
+    dist = dist + torch.diag(torch.full((views,), float("inf"), dtype=dist.dtype, device=dist.device))
+    order = torch.argsort(dist, dim=-1, stable=True)
+    return order[..., :k]
+
+
+class CrossViewAttention(nn.Module):
+    """Multi-head attention across the views of a set.
+
+    Args:
+        dim: token width D.
+        num_heads: heads (D must be divisible by it).
+    """
+
+    def __init__(self, dim: int, num_heads: int):
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: Tuple[int, int],
+        neighbors: Optional[torch.Tensor] = None,
+        kv_pool: int = 1,
+    ) -> torch.Tensor:
+        """Attend across views.
+
+        Args:
+            x: ``[B, S, T, D]`` tokens of S views, ``T = h*w`` patch tokens each.
+            grid: ``(h, w)`` patch grid (used for pooling).
+            neighbors: ``[B, S, K]`` views each view attends to besides itself; None = all
+                views jointly (the paper's global attention).
+            kv_pool: average-pool the neighbour views' keys/values by this factor per grid
+                side (1 = full resolution). A view's own tokens are never pooled.
+
+        Returns:
+            ``[B, S, T, D]``.
+        """
+        b, s, t, d = x.shape
+        nh, hd = self.num_heads, d // self.num_heads
+        qkv = self.qkv(x).view(b, s, t, 3, nh, hd)
+        q, k, v = qkv.unbind(3)  # [B, S, T, nh, hd]
+        if neighbors is None and kv_pool == 1:
+            out = self._joint(q, k, v)
+        else:
+            if neighbors is None:
+                neighbors = all_other_views(b, s, x.device)
+            out = self._neighbourhood(q, k, v, neighbors, grid, kv_pool)
+        return self.proj(out.reshape(b, s, t, d))
+
+    @staticmethod
+    def _joint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        b, s, t, nh, hd = q.shape
+
+        def heads(z: torch.Tensor) -> torch.Tensor:  # [B, S, T, nh, hd] -> [B, nh, S*T, hd]
+            return z.reshape(b, s * t, nh, hd).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
+        return out.transpose(1, 2).reshape(b, s, t, nh, hd)
+
+    @staticmethod
+    def _neighbourhood(
+        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbors: torch.Tensor,
+        grid: Tuple[int, int], kv_pool: int,
+    ) -> torch.Tensor:
+        b, s, t, nh, hd = q.shape
+        kk = neighbors.shape[-1]
+        kv = torch.stack([k, v], dim=2)  # [B, S, 2, T, nh, hd]
+        if kv_pool > 1:
+            h, w = grid
+            pooled = kv.permute(0, 1, 2, 4, 5, 3).reshape(b * s * 2, nh * hd, h, w)
+            pooled = F.avg_pool2d(pooled, kv_pool, kv_pool, ceil_mode=True)
+            tp = pooled.shape[-2] * pooled.shape[-1]
+            other = pooled.view(b, s, 2, nh, hd, tp).permute(0, 1, 2, 5, 3, 4)
+        else:
+            other, tp = kv, t
+        batch_idx = torch.arange(b, device=q.device)[:, None, None]
+        gathered = other[batch_idx, neighbors]  # [B, S, K, 2, Tp, nh, hd]
+        gathered = gathered.permute(0, 1, 3, 2, 4, 5, 6).reshape(b, s, 2, kk * tp, nh, hd)
+        keys_values = torch.cat([kv, gathered], dim=3)  # own view first, full resolution
+        kf, vf = keys_values.unbind(2)  # [B, S, T + K*Tp, nh, hd]
+
+        def heads(z: torch.Tensor) -> torch.Tensor:  # [B, S, L, nh, hd] -> [B*S, nh, L, hd]
+            return z.reshape(b * s, z.shape[2], nh, hd).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(heads(q), heads(kf), heads(vf))
+        return out.transpose(1, 2).reshape(b, s, t, nh, hd)

@@ -1,0 +1,142 @@
+"""Adapter checkpoints: safetensors tensors + JSON-able metadata, never pickle.
+
+A checkpoint holds only what is trained (adapters, ray embedding) and metadata:
+
+==================  =====================================================
+``format``          ``"mvfm-adapters"``
+``format_version``  integer as string; readers refuse newer versions
+``backbone``        registry name the adapters were trained on
+``tiny``            ``"1"`` for the test-size architecture
+``config``          :class:`~mvfm_nerfstudio.models.mvfm.MVFMConfig` as JSON
+``backbone_weights`` where the backbone weights came from
+``backbone_fingerprint`` hash of the backbone weights (warns on mismatch)
+==================  =====================================================
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, Optional
+
+import torch
+
+from .._version import __version__
+from ..backbones.vit import CheckpointMismatchError
+from ..utils.io import atomic_write
+
+if TYPE_CHECKING:
+    from .mvfm import MultiViewFoundationModel
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "save_adapters", "load_adapters", "read_adapter_metadata", "backbone_fingerprint"]
+
+FORMAT = "mvfm-adapters"
+FORMAT_VERSION = 1
+
+
+def backbone_fingerprint(model: "MultiViewFoundationModel") -> str:
+    """Short content hash of the backbone weights (names, shapes and values)."""
+    h = hashlib.blake2b(digest_size=12)
+    for name, t in sorted(model.backbone.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
+
+
+def save_adapters(model: "MultiViewFoundationModel", path, metadata: Optional[Dict[str, str]] = None) -> None:
+    """Write ``model``'s adapters to ``path`` (.safetensors), atomically."""
+    from safetensors.torch import save
+
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"adapter checkpoints are .safetensors files, got {str(path)!r}")
+    meta = {
+        "format": FORMAT,
+        "format_version": str(FORMAT_VERSION),
+        "backbone": model.backbone.spec.name,
+        "tiny": "1" if model.backbone.tiny else "0",
+        "config": model.config.to_json(),
+        "backbone_weights": model.backbone.weights,
+        "backbone_fingerprint": backbone_fingerprint(model),
+        "mvfm_nerfstudio_version": __version__,
+    }
+    for k, v in (metadata or {}).items():
+        if k in meta:
+            raise ValueError(f"metadata key {k!r} is reserved")
+        meta[k] = str(v)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
+    atomic_write(path, save(tensors, metadata=meta))
+
+
+def read_adapter_metadata(path) -> Dict[str, str]:
+    """Metadata of an adapter checkpoint; raises a clear error for anything that is not one."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"adapter checkpoint {str(path)!r} does not exist")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:
+        raise CheckpointMismatchError(
+            f"{str(path)!r} is not a readable safetensors adapter checkpoint ({type(err).__name__}: {err})"
+        ) from err
+    if meta.get("format") != FORMAT:
+        raise CheckpointMismatchError(f"{str(path)!r} is not an MVFM adapter checkpoint (format={meta.get('format')!r})")
+    version = int(meta.get("format_version", "0"))
+    if version > FORMAT_VERSION:
+        raise CheckpointMismatchError(
+            f"{str(path)!r} has format version {version}; this mvfm-nerfstudio reads up to {FORMAT_VERSION}: upgrade it"
+        )
+    return meta
+
+
+def load_adapters(model: "MultiViewFoundationModel", path) -> Dict[str, str]:
+    """Load adapters into ``model`` after checking backbone and architecture agree.
+
+    Returns:
+        The checkpoint's metadata.
+    Raises:
+        CheckpointMismatchError: other backbone, other architecture, or inconsistent tensors.
+    """
+    from safetensors.torch import load_file
+
+    from .mvfm import RUNTIME_FIELDS, MVFMConfig
+
+    meta = read_adapter_metadata(path)
+    problems = []
+    if meta["backbone"] != model.backbone.spec.name:
+        problems.append(f"backbone: checkpoint {meta['backbone']!r}, model {model.backbone.spec.name!r}")
+    if (meta.get("tiny") == "1") != model.backbone.tiny:
+        problems.append(f"tiny test backbone: checkpoint {meta.get('tiny') == '1'}, model {model.backbone.tiny}")
+    stored = MVFMConfig.from_dict(json.loads(meta["config"])).to_dict()
+    current = model.config.to_dict()
+    for key in sorted(stored):
+        if key not in RUNTIME_FIELDS and stored[key] != current[key]:
+            problems.append(f"{key}: checkpoint {stored[key]!r}, model {current[key]!r}")
+    if problems:
+        raise CheckpointMismatchError(f"adapter checkpoint {str(path)!r} does not fit this model:\n  " + "\n  ".join(problems))
+    tensors = load_file(str(path))
+    own = model.adapter_state_dict()
+    missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
+    wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]
+    if missing or unexpected or wrong:
+        raise CheckpointMismatchError(
+            f"adapter checkpoint {str(path)!r} tensors do not match the model: missing {missing[:5]}, "
+            f"unexpected {unexpected[:5]}, wrong shape {wrong[:5]}"
+        )
+    model.load_state_dict(tensors, strict=False)
+    stored_print, own_print = meta.get("backbone_fingerprint"), backbone_fingerprint(model)
+    if stored_print not in (None, own_print):
+        warnings.warn(
+            f"adapter checkpoint {os.fspath(path)!r} was trained on other backbone weights "
+            f"({meta.get('backbone_weights')!r}, fingerprint {stored_print}) than this model's "
+            f"({model.backbone.weights!r}, fingerprint {own_print}); features may be poor",
+            stacklevel=2,
+        )
+    return meta

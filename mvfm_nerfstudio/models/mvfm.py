@@ -1,0 +1,349 @@
+"""Multi-view foundation model: a frozen ViT with cross-view MV-Adapters after its blocks.
+
+Shapes: ``B`` sets of ``S`` views, images ``H x W``, patch size ``p``, patch grid
+``h = H/p``, ``w = W/p``, ``T = h*w`` patch tokens per view, ``C`` token width,
+``F`` output feature width.
+
+Reference frame: the Plücker rays that condition the adapters are computed in a
+canonical frame from :func:`~mvfm_nerfstudio.geometry.cameras.normalize_cameras`.
+With ``reference_frame="mean"`` (default) its axes are the mean rotation of all views,
+so the output does not depend on which view comes first: permuting the input views
+permutes the output features and nothing else. ``reference_frame="first"`` uses view
+0's axes as the paper does. Either way the output is invariant to any global rigid
+motion and scaling of all cameras.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from typing import Dict, List, Literal, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from ..backbones.vit import FoundationBackbone, WeightsSource, create_backbone
+from ..geometry.cameras import (
+    CameraError,
+    normalize_cameras,
+    plucker_rays,
+    to_homogeneous,
+    validate_cam_to_world,
+    validate_intrinsics,
+)
+from .attention import CrossViewAttention, select_neighbor_views
+
+__all__ = ["MVFMConfig", "MVAdapter", "MultiViewFoundationModel", "create_mvfm", "RUNTIME_FIELDS"]
+
+# Config fields that change how attention is computed but not the parameters: an adapter
+# checkpoint may be run with other values (e.g. trained global, deployed knn).
+RUNTIME_FIELDS = ("attention", "num_neighbors", "kv_pool")
+
+
+@dataclass(frozen=True)
+class MVFMConfig:
+    """Architecture of the MV-Adapters (everything a checkpoint must match)."""
+
+    adapter_blocks: Optional[Tuple[int, ...]] = None
+    """Indices of the transformer blocks followed by an adapter (negative counts from the end); None = every block."""
+    share_adapters: bool = False
+    """Use one shared adapter for all adapted blocks after the first (the authors' code does this)."""
+    adapter_dim: Optional[int] = None
+    """Width inside the adapters; None = the backbone's token width. Smaller is cheaper."""
+    num_heads: int = 8
+    """Attention heads in each adapter."""
+    mlp_ratio: float = 4.0
+    """Hidden width of the adapter MLP relative to adapter_dim."""
+    use_rays: bool = True
+    """Condition the first adapter on Plücker ray maps; False = pose-free variant (cameras optional)."""
+    ray_embed_dim: int = 128
+    """Channels of the patchified ray embedding concatenated to the first adapter's input."""
+    reference_frame: Literal["mean", "first"] = "mean"
+    """Canonical camera frame: 'mean' (order-independent) or 'first' (view 0, as in the paper)."""
+    attention: Literal["global", "knn"] = "global"
+    """'global': every view attends to all views (paper); 'knn': each view attends to its num_neighbors closest views."""
+    num_neighbors: int = 3
+    """Views each view attends to in 'knn' mode, chosen by camera pose (by index without poses)."""
+    kv_pool: int = 1
+    """Average-pool other views' keys/values by this factor per side (1 = full resolution)."""
+
+    def __post_init__(self) -> None:
+        if self.attention not in ("global", "knn"):
+            raise ValueError(f"attention must be 'global' or 'knn', got {self.attention!r}")
+        if self.reference_frame not in ("mean", "first"):
+            raise ValueError(f"reference_frame must be 'mean' or 'first', got {self.reference_frame!r}")
+        if self.num_neighbors < 1 or self.kv_pool < 1 or self.num_heads < 1 or self.mlp_ratio <= 0:
+            raise ValueError("num_neighbors, kv_pool and num_heads must be >= 1 and mlp_ratio > 0")
+        if self.adapter_blocks is not None:
+            object.__setattr__(self, "adapter_blocks", tuple(int(i) for i in self.adapter_blocks))
+
+    def to_dict(self) -> Dict[str, object]:
+        d = dataclasses.asdict(self)
+        if d["adapter_blocks"] is not None:
+            d["adapter_blocks"] = list(d["adapter_blocks"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Dict[str, object]) -> "MVFMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = set(d) - known
+        if unknown:
+            raise ValueError(f"unknown MVFM config fields: {sorted(unknown)}")
+        return cls(**d)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+
+class MVAdapter(nn.Module):
+    """One MV-Adapter: cross-view attention + MLP, added residually through a zero-initialised projection.
+
+    ``x -> x + out_proj(mlp_block(attn_block(in_proj([LN(x), extra]))))`` where the
+    attention and MLP blocks are pre-norm residual blocks of width ``adapter_dim``.
+    Because ``out_proj`` starts at zero, a fresh adapter is the identity.
+
+    Args:
+        dim: backbone token width C.
+        adapter_dim: internal width D.
+        num_heads, mlp_ratio: attention heads and MLP expansion.
+        extra_dim: channels concatenated to the normalised input (ray embedding), 0 for none.
+    """
+
+    def __init__(self, dim: int, adapter_dim: int, num_heads: int, mlp_ratio: float, extra_dim: int = 0):
+        super().__init__()
+        self.norm_in = nn.LayerNorm(dim)
+        needs_proj = extra_dim > 0 or adapter_dim != dim
+        self.in_proj = nn.Linear(dim + extra_dim, adapter_dim) if needs_proj else nn.Identity()
+        self.norm_attn = nn.LayerNorm(adapter_dim)
+        self.attn = CrossViewAttention(adapter_dim, num_heads)
+        self.norm_mlp = nn.LayerNorm(adapter_dim)
+        hidden = int(adapter_dim * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(adapter_dim, hidden), nn.GELU(), nn.Linear(hidden, adapter_dim))
+        self.out_proj = nn.Linear(adapter_dim, dim)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        grid: Tuple[int, int],
+        extra: Optional[torch.Tensor] = None,
+        neighbors: Optional[torch.Tensor] = None,
+        kv_pool: int = 1,
+    ) -> torch.Tensor:
+        """``x [B, S, T, C]`` (+ ``extra [B, S, T, E]``) -> ``[B, S, T, C]``."""
+        h = self.norm_in(x)
+        if extra is not None:
+            h = torch.cat([h, extra.to(h.dtype)], dim=-1)
+        h = self.in_proj(h)
+        h = h + self.attn(self.norm_attn(h), grid, neighbors, kv_pool)
+        h = h + self.mlp(self.norm_mlp(h))
+        return x + self.out_proj(h)
+
+
+class MultiViewFoundationModel(nn.Module):
+    """A frozen foundation backbone made multi-view consistent by MV-Adapters.
+
+    Args:
+        backbone: the frozen backbone (see :func:`~mvfm_nerfstudio.backbones.create_backbone`).
+        config: adapter architecture.
+
+    Call it as ``model(images, intrinsics, cam_to_world) -> features`` with
+
+    * ``images``: ``[B, S, 3, H, W]`` float in [0, 1]; H, W multiples of the patch size;
+    * ``intrinsics``: ``[B, S, 3, 3]`` pinhole matrices in pixels of these images;
+    * ``cam_to_world``: ``[B, S, 4, 4]`` (or ``[B, S, 3, 4]``) OpenCV camera-to-world poses;
+    * ``features``: ``[B, S, F, H/p, W/p]``.
+    """
+
+    def __init__(self, backbone: FoundationBackbone, config: MVFMConfig = MVFMConfig()):
+        super().__init__()
+        self.backbone = backbone
+        self.config = config
+        depth, dim = backbone.depth, backbone.embed_dim
+        blocks = range(depth) if config.adapter_blocks is None else config.adapter_blocks
+        adapted = sorted({b % depth if -depth <= b < depth else _bad_block(b, depth) for b in blocks})
+        if not adapted:
+            raise ValueError("adapter_blocks is empty: the MVFM needs at least one adapter")
+        adapter_dim = config.adapter_dim or dim
+        extra = config.ray_embed_dim if config.use_rays else 0
+        n_modules = min(2, len(adapted)) if config.share_adapters else len(adapted)
+        self.adapters = nn.ModuleList(
+            MVAdapter(dim, adapter_dim, config.num_heads, config.mlp_ratio, extra_dim=extra if i == 0 else 0)
+            for i in range(n_modules)
+        )
+        # adapter_of_block[b] = index into self.adapters, or -1 for a block without adapter
+        table = [-1] * depth
+        for rank, b in enumerate(adapted):
+            table[b] = min(rank, n_modules - 1)
+        self.adapter_of_block: List[int] = table
+        self.first_adapted_block = adapted[0]
+        if config.use_rays:
+            p = backbone.patch_size
+            self.ray_embed = nn.Conv2d(6, config.ray_embed_dim, kernel_size=p, stride=p)
+        else:
+            self.ray_embed = None
+
+    # ------------------------------------------------------------------ info
+    @property
+    def patch_size(self) -> int:
+        return self.backbone.patch_size
+
+    @property
+    def feature_dim(self) -> int:
+        return self.backbone.feature_dim
+
+    def trainable_parameters(self) -> List[nn.Parameter]:
+        """Adapter and ray-embedding parameters (the backbone is frozen)."""
+        return [p for name, p in self.named_parameters() if not name.startswith("backbone.")]
+
+    def adapter_state_dict(self) -> Dict[str, torch.Tensor]:
+        """State of everything but the frozen backbone (what adapter checkpoints store)."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
+    # ------------------------------------------------------------------ inputs
+    def _check_inputs(
+        self, images: torch.Tensor, intrinsics: Optional[torch.Tensor], cam_to_world: Optional[torch.Tensor]
+    ) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+        if not torch.is_tensor(images) or images.ndim != 5 or images.shape[2] != 3:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a [B, S, 3, H, W] tensor, got {shape}")
+        if not images.is_floating_point():
+            raise ValueError(f"images must be float in [0, 1], got dtype {images.dtype}")
+        b, s = images.shape[:2]
+        if b < 1 or s < 1:
+            raise ValueError(f"images must hold at least one set and one view, got {tuple(images.shape)}")
+        self.backbone.check_image_size(images.shape[-2], images.shape[-1])
+        lo, hi = float(images.min()), float(images.max())
+        if not (lo == lo and hi == hi) or lo < -0.01 or hi > 1.01:  # NaN-safe
+            raise ValueError(f"images must be float in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (0-255 data? NaN?)")
+        if (intrinsics is None) != (cam_to_world is None):
+            raise CameraError("pass both intrinsics and cam_to_world, or neither (pose-free models only)")
+        if intrinsics is None:
+            if self.config.use_rays:
+                raise CameraError(
+                    "this MVFM is camera-conditioned (use_rays=True): pass intrinsics [B, S, 3, 3] and "
+                    "cam_to_world [B, S, 4, 4], or build a pose-free model with use_rays=False"
+                )
+            return None, None
+        cam_to_world = to_homogeneous(cam_to_world)
+        if tuple(intrinsics.shape) != (b, s, 3, 3):
+            raise CameraError(f"intrinsics must be [B, S, 3, 3] = [{b}, {s}, 3, 3] to match images, got {tuple(intrinsics.shape)}")
+        if tuple(cam_to_world.shape) != (b, s, 4, 4):
+            raise CameraError(f"cam_to_world must be [B, S, 4, 4] = [{b}, {s}, 4, 4] to match images, got {tuple(cam_to_world.shape)}")
+        validate_intrinsics(intrinsics)
+        validate_cam_to_world(cam_to_world)
+        return intrinsics, cam_to_world
+
+    def ray_tokens(self, intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Patchified Plücker embedding ``[B, S, T, ray_embed_dim]`` in the canonical frame."""
+        b, s = intrinsics.shape[:2]
+        normalized, _ = normalize_cameras(cam_to_world.double(), self.config.reference_frame)
+        rays = plucker_rays(intrinsics.double(), normalized, height, width).float()  # [B, S, 6, H, W]
+        emb = self.ray_embed(rays.flatten(0, 1))  # [B*S, E, h, w]
+        return emb.flatten(2).transpose(1, 2).reshape(b, s, -1, emb.shape[1])
+
+    # ------------------------------------------------------------------ forward
+    def forward(
+        self,
+        images: torch.Tensor,
+        intrinsics: Optional[torch.Tensor] = None,
+        cam_to_world: Optional[torch.Tensor] = None,
+    ) -> torch.Tensor:
+        """Multi-view consistent features ``[B, S, F, h, w]`` (see the class docstring for shapes)."""
+        intrinsics, cam_to_world = self._check_inputs(images, intrinsics, cam_to_world)
+        b, s, _, height, width = images.shape
+        bb = self.backbone
+        tokens, ctx = bb.embed(bb.normalize(images.flatten(0, 1)))
+        t = ctx.grid[0] * ctx.grid[1]
+        prefix = bb.num_prefix_tokens
+        rays = None
+        if self.ray_embed is not None:
+            rays = self.ray_tokens(intrinsics.to(images.device), cam_to_world.to(images.device), height, width)
+        neighbors = None
+        if self.config.attention == "knn":
+            normalized = None if cam_to_world is None else normalize_cameras(cam_to_world.double())[0]
+            neighbors = select_neighbor_views(self.config.num_neighbors, s, b, normalized, device=images.device)
+        for i in range(bb.depth):
+            tokens = bb.run_block(i, tokens, ctx)
+            a = self.adapter_of_block[i]
+            if a < 0:
+                continue
+            patch = tokens[:, prefix:].reshape(b, s, t, -1)
+            extra = rays if i == self.first_adapted_block else None
+            patch = self.adapters[a](patch, ctx.grid, extra, neighbors, self.config.kv_pool)
+            patch = patch.reshape(b * s, t, -1)
+            tokens = torch.cat([tokens[:, :prefix], patch], dim=1) if prefix else patch
+        feats = bb.head(tokens, ctx)
+        return feats.view(b, s, *feats.shape[1:])
+
+    def forward_base(self, images: torch.Tensor) -> torch.Tensor:
+        """Features of the frozen base model, ``[B, S, 3, H, W] -> [B, S, F, h, w]``."""
+        if not torch.is_tensor(images) or images.ndim != 5 or images.shape[2] != 3:
+            shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
+            raise ValueError(f"images must be a [B, S, 3, H, W] tensor, got {shape}")
+        b, s = images.shape[:2]
+        feats = self.backbone(images.flatten(0, 1))
+        return feats.view(b, s, *feats.shape[1:])
+
+    # ------------------------------------------------------------------ checkpoints
+    def save_adapters(self, path, metadata: Optional[Dict[str, str]] = None) -> None:
+        """Write the adapters (not the backbone) as safetensors with config metadata."""
+        from .checkpoint import save_adapters
+
+        save_adapters(self, path, metadata)
+
+    def load_adapters(self, path) -> Dict[str, str]:
+        """Load adapters saved by :meth:`save_adapters`; raises if backbone or config differ."""
+        from .checkpoint import load_adapters
+
+        return load_adapters(self, path)
+
+
+def _bad_block(b: int, depth: int) -> int:
+    raise ValueError(f"adapter block index {b} is out of range for a backbone with {depth} blocks")
+
+
+def create_mvfm(
+    backbone: str,
+    weights: WeightsSource = "pretrained",
+    tiny: bool = False,
+    adapters: Optional[str] = None,
+    **config,
+) -> MultiViewFoundationModel:
+    """Build a multi-view foundation model.
+
+    Args:
+        backbone: registered backbone name (:func:`mvfm_nerfstudio.list_backbones`).
+        weights: backbone weights: ``"pretrained"`` (timm / Hugging Face cache or hub),
+            a local weights file, or ``"random"`` (tests and demos only).
+        tiny: tiny random test-size backbone of the same family (``weights="random"`` only).
+        adapters: optional adapter checkpoint (``.safetensors``) to load; its stored
+            config is used, and any ``config`` given must agree with it.
+        **config: fields of :class:`MVFMConfig` (e.g. ``attention="knn"``, ``use_rays=False``).
+
+    Example:
+        >>> model = create_mvfm("dinov2_vits14_reg", weights="random", tiny=True)
+        >>> feats = model(images, intrinsics, cam_to_world)   # [B, S, F, h, w]
+    """
+    if adapters is not None:
+        from .checkpoint import read_adapter_metadata
+
+        stored = MVFMConfig.from_dict(json.loads(read_adapter_metadata(adapters)["config"]))
+        given = MVFMConfig.from_dict(config)
+        mismatched = {
+            k: (getattr(given, k), getattr(stored, k))
+            for k in config
+            if k not in RUNTIME_FIELDS and getattr(given, k) != getattr(stored, k)
+        }
+        if mismatched:
+            raise ValueError(
+                f"adapter checkpoint {adapters} was trained with a different architecture; "
+                f"(given, stored): {mismatched}"
+            )
+        config = {**stored.to_dict(), **{k: v for k, v in config.items() if k in RUNTIME_FIELDS}}
+    model = MultiViewFoundationModel(create_backbone(backbone, weights, tiny=tiny), MVFMConfig.from_dict(config))
+    if adapters is not None:
+        model.load_adapters(adapters)
+    return model

@@ -1,0 +1,117 @@
+"""MVFM forward vs its base backbone: time ratio and peak memory, measured in one run.
+
+    python benchmarks/bench_mvfm.py                       # S = 1, 2, 4, 8, 16 at 224x224, global attention
+    python benchmarks/bench_mvfm.py --views 4 8 16 32 64 --modes global knn knn-pool --size 224
+
+Backbone weights are random (speed does not depend on their values). Times are medians of
+interleaved calls (base, MVFM, base, ...) so machine noise affects both alike; peak memory
+is the increase of the resident set size during one forward (sampled every 0.5 ms), each
+measured in a fresh subprocess.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Dict
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import PeakRSS, peak_memory_subprocess, print_table, time_interleaved, write_json  # noqa: E402
+
+# Named attention modes: extra MVFMConfig fields.
+MODES: Dict[str, Dict[str, object]] = {
+    "global": {"attention": "global"},
+    "knn": {"attention": "knn", "num_neighbors": 3},
+    "knn-pool": {"attention": "knn", "num_neighbors": 3, "kv_pool": 2},
+}
+
+
+def build(backbone: str, mode: str, extra: Dict[str, object]):
+    from mvfm_nerfstudio import create_mvfm
+
+    torch.manual_seed(0)
+    return create_mvfm(backbone, weights="random", **MODES[mode], **extra).eval()
+
+
+def make_inputs(views: int, size: int, patch: int):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import orbit_cameras
+
+    size = size // patch * patch
+    images = torch.rand(1, views, 3, size, size)
+    k, c2w = orbit_cameras(1, views, size, size, seed=0)
+    return images, k, c2w
+
+
+def memory_worker(argv) -> None:
+    """Child process: print the peak-RSS increase (MB) of one forward."""
+    p = argparse.ArgumentParser()
+    p.add_argument("--what", choices=["base", "mvfm"])
+    p.add_argument("--backbone")
+    p.add_argument("--mode")
+    p.add_argument("--views", type=int)
+    p.add_argument("--size", type=int)
+    p.add_argument("--adapter-dim", type=int, default=0)
+    a = p.parse_args(argv)
+    torch.set_num_threads(2)
+    model = build(a.backbone, a.mode, {"adapter_dim": a.adapter_dim} if a.adapter_dim else {})
+    images, k, c2w = make_inputs(a.views, a.size, model.patch_size)
+    with torch.no_grad():
+        model.forward_base(images[:, :1])  # warm-up: lazy initialisations are not activation memory
+        with PeakRSS() as mem:
+            if a.what == "base":
+                model.forward_base(images)
+            else:
+                model(images, k, c2w)
+    print(mem.peak_mb)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--backbone", default="dinov2_vits14_reg")
+    p.add_argument("--views", type=int, nargs="+", default=[1, 2, 4, 8, 16])
+    p.add_argument("--size", type=int, default=224)
+    p.add_argument("--modes", nargs="+", default=["global"], choices=list(MODES))
+    p.add_argument("--adapter-dim", type=int, default=0, help="adapter width (0 = backbone width)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-memory", action="store_true", help="skip the subprocess memory measurements")
+    p.add_argument("--json", default=None, help="output path (default benchmarks/results/bench_mvfm.json)")
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    extra = {"adapter_dim": a.adapter_dim} if a.adapter_dim else {}
+    rows = []
+    for mode in a.modes:
+        model = build(a.backbone, mode, extra)
+        for s in a.views:
+            images, k, c2w = make_inputs(s, a.size, model.patch_size)
+            with torch.no_grad():
+                times = time_interleaved(
+                    {"base": lambda: model.forward_base(images), "mvfm": lambda: model(images, k, c2w)},
+                    repeats=a.repeats,
+                )
+            row = {
+                "mode": mode, "views": s, "size": images.shape[-1],
+                "base_s": times["base"], "mvfm_s": times["mvfm"], "ratio": times["mvfm"] / times["base"],
+                "mvfm_ms_per_view": 1000 * times["mvfm"] / s,
+            }
+            if not a.no_memory:
+                common = ["--backbone", a.backbone, "--mode", mode, "--views", str(s), "--size", str(a.size),
+                          "--adapter-dim", str(a.adapter_dim)]
+                row["base_peak_mb"] = peak_memory_subprocess("benchmarks.bench_mvfm", ["--worker", "--what", "base", *common])
+                row["mvfm_peak_mb"] = peak_memory_subprocess("benchmarks.bench_mvfm", ["--worker", "--what", "mvfm", *common])
+            rows.append(row)
+            print_table([row], list(row), title=None)
+    cols = ["mode", "views", "size", "base_s", "mvfm_s", "ratio", "mvfm_ms_per_view", "base_peak_mb", "mvfm_peak_mb"]
+    print_table(rows, [c for c in cols if c in rows[0]], title=f"MVFM vs base ({a.backbone}, random weights, {a.threads} threads)")
+    write_json("bench_mvfm", {"backbone": a.backbone, "adapter_dim": a.adapter_dim or None, "rows": rows}, a.json)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "--worker":
+        memory_worker(sys.argv[2:])
+    else:
+        main()

@@ -1,0 +1,195 @@
+"""Datamanagers that supervise with cached MVFM features.
+
+* :class:`MVFMDataManager` (ray-based, for NeRF): a :class:`VanillaDataManager` (single
+  process: the parallel datamanager spawns workers) whose training batches carry
+  ``batch["feature"]`` ``[num_rays, D]``, sampled bilinearly from each image's feature map
+  at the rays' pixel centres.
+* :class:`MVFMFullImageDatamanager` (for splatting): a :class:`FullImageDatamanager` whose
+  training data carry ``data["feature"]`` ``[h, w, D]`` float32, the whole image's feature
+  map. It spans the full ``H x W`` image (``data["image"]``): cell ``(i, j)`` is centred at
+  pixel ``((j + 0.5) W / w, (i + 0.5) H / h)``; upsample with
+  :func:`~mvfm_nerfstudio.nerfstudio_plugin.feature_store.resize_feature_map` (bilinear,
+  ``align_corners=False``) or render at ``h x w`` by scaling the camera with
+  ``camera.rescale_output_resolution(...)``. ``data["feature_grid"]`` holds ``(h, w)``.
+
+Both build a :class:`~mvfm_nerfstudio.nerfstudio_plugin.feature_store.FeatureStore` from
+the training dataset (cameras converted from Nerfstudio's OpenGL convention to OpenCV,
+intrinsics in pixels of the images as loaded, i.e. after the dataparser's downscaling and
+``camera_res_scale_factor``; the dataparser's recentring/rescaling of poses does not
+matter, the MVFM is invariant to similarity transforms) and put into the training
+dataset's metadata, which the pipeline hands to the model:
+
+* ``metadata["mvfm_feature_dim"]``: D;
+* ``metadata["mvfm_display_basis"]``: the 3-component display PCA (a state dict of
+  :class:`~mvfm_nerfstudio.features.PCABasis`) for fixed-colour ``feature_pca`` renders.
+
+Evaluation batches carry no features (the feature loss is a training signal only).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Tuple, Type
+
+import torch
+from nerfstudio.cameras.cameras import CameraType
+from nerfstudio.configs.dataparser_configs import AnnotatedDataParserUnion
+from nerfstudio.data.datamanagers.base_datamanager import VanillaDataManager, VanillaDataManagerConfig
+from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatamanager, FullImageDatamanagerConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.utils.rich_utils import CONSOLE
+
+from ..geometry.cameras import opengl_to_opencv, to_homogeneous
+from .feature_store import FeatureStore, FeatureStoreConfig, ViewSource, describe
+
+__all__ = [
+    "MVFMDataManagerConfig",
+    "MVFMDataManager",
+    "MVFMFullImageDatamanagerConfig",
+    "MVFMFullImageDatamanager",
+    "view_source_from_dataset",
+    "FEATURE_DIM_KEY",
+    "DISPLAY_BASIS_KEY",
+]
+
+FEATURE_DIM_KEY = "mvfm_feature_dim"
+DISPLAY_BASIS_KEY = "mvfm_display_basis"
+
+
+def view_source_from_dataset(dataset, load_image, data_root: Path, extra_key: Dict[str, object]) -> ViewSource:
+    """A :class:`ViewSource` for a Nerfstudio ``InputDataset`` (its cameras as they are now).
+
+    Args:
+        dataset: the training ``InputDataset``.
+        load_image: ``i -> [H, W, 3|4]`` image exactly as the consumer trains on it.
+        data_root: the scene's data path (names the cache entry).
+        extra_key: how the pixels were produced (scale factor, undistortion), part of the cache key.
+    """
+    cams = dataset.cameras
+    if cams.shape != (len(dataset),):
+        raise ValueError(f"expected one camera per image, got cameras of shape {tuple(cams.shape)}")
+    bad = (cams.camera_type.view(-1) != CameraType.PERSPECTIVE.value).nonzero().view(-1)
+    if len(bad):
+        raise ValueError(
+            f"MVFM features need perspective (pinhole) cameras; image {dataset.image_filenames[int(bad[0])]} has "
+            f"camera type {CameraType(int(cams.camera_type.view(-1)[bad[0]])).name}"
+        )
+    extra = dict(extra_key)
+    if cams.distortion_params is not None and bool((cams.distortion_params != 0).any()):
+        # Rays are undistorted by Nerfstudio; the MVFM sees the images as they are (pinhole rays).
+        extra["distortion"] = cams.distortion_params.double().round(decimals=6).tolist()
+    sizes = torch.cat([cams.height, cams.width], dim=-1).long()
+    data_root = Path(data_root)
+    name = data_root.stem if data_root.suffix == ".json" else data_root.name
+    return ViewSource(
+        image_paths=[Path(p) for p in dataset.image_filenames],
+        image_sizes=sizes,
+        intrinsics=cams.get_intrinsics_matrices().double(),
+        cam_to_world=opengl_to_opencv(to_homogeneous(cams.camera_to_worlds.double())),
+        load_image=load_image,
+        extra_key=extra,
+        scene_name=name,
+        scene_root=data_root if data_root.is_dir() else data_root.parent,
+    )
+
+
+def _publish(store: FeatureStore, metadata: Dict) -> None:
+    metadata[FEATURE_DIM_KEY] = store.feature_dim
+    assert store.display_basis is not None
+    metadata[DISPLAY_BASIS_KEY] = {k: v.clone() for k, v in store.display_basis.state().items()}
+    CONSOLE.print(f"MVFM features: {describe(store)}")
+
+
+# ---------------------------------------------------------------------------------------------- ray-based
+
+
+@dataclass
+class MVFMDataManagerConfig(VanillaDataManagerConfig):
+    """Ray-based datamanager adding MVFM feature targets (``batch["feature"]``) to every training batch."""
+
+    _target: Type = field(default_factory=lambda: MVFMDataManager)
+    dataparser: AnnotatedDataParserUnion = field(default_factory=NerfstudioDataParserConfig)
+    """Scene format (Nerfstudio transforms.json by default)."""
+    features: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
+    """MVFM feature extraction: backbone, weights, adapters, view grouping, resolution, dimension, cache."""
+
+
+class MVFMDataManager(VanillaDataManager):
+    """:class:`VanillaDataManager` + MVFM features: ``batch["feature"]`` ``[num_rays, D]`` float32.
+
+    The feature store is prepared (cache loaded, or features computed) in the constructor,
+    before the pipeline builds the model, so the model can read the feature dimension from
+    the training dataset's metadata.
+    """
+
+    config: MVFMDataManagerConfig
+
+    def __init__(self, config: MVFMDataManagerConfig, device="cpu", test_mode="val", world_size=1, local_rank=0, **kw):
+        super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kw)
+        ds = self.train_dataset
+        source = view_source_from_dataset(
+            ds, ds.get_image_float32, self.config.dataparser.data, {"scale_factor": ds.scale_factor}
+        )
+        self.feature_store = FeatureStore(self.config.features, source, device=str(device)).prepare()
+        _publish(self.feature_store, ds.metadata)
+
+    def next_train(self, step: int):
+        ray_bundle, batch = super().next_train(step)
+        batch["feature"] = self.feature_store.sample_pixels(batch["indices"]).to(self.device)
+        return ray_bundle, batch
+
+
+# ---------------------------------------------------------------------------------------------- full images
+
+
+@dataclass
+class MVFMFullImageDatamanagerConfig(FullImageDatamanagerConfig):
+    """Full-image datamanager adding each training image's MVFM feature map (``data["feature"]``)."""
+
+    _target: Type = field(default_factory=lambda: MVFMFullImageDatamanager)
+    features: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
+    """MVFM feature extraction: backbone, weights, adapters, view grouping, resolution, dimension, cache."""
+
+
+class MVFMFullImageDatamanager(FullImageDatamanager):
+    """:class:`FullImageDatamanager` + MVFM features.
+
+    ``next_train`` data gain ``"feature"`` ``[h, w, D]`` float32 (on the training device)
+    and ``"feature_grid"`` ``(h, w)``; see the module docstring for the pixel mapping.
+    Features are computed from the cached (undistorted) training images and their
+    (undistorted) cameras, i.e. exactly what the splats are fitted to.
+    """
+
+    config: MVFMFullImageDatamanagerConfig
+
+    def __init__(self, config: MVFMFullImageDatamanagerConfig, device="cpu", test_mode="val", world_size=1,
+                 local_rank=0, **kw):
+        if config.cache_images == "cpu" and not torch.cuda.is_available():
+            # Nerfstudio pins 'cpu'-cached images, which needs CUDA; without it the training device is the CPU.
+            CONSOLE.print("No CUDA: caching images on the training device (cache_images='gpu') instead of pinned memory")
+            config.cache_images = "gpu"
+        super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kw)
+        ds = self.train_dataset
+        distorted = ds.cameras.distortion_params is not None and bool((ds.cameras.distortion_params != 0).any())
+        cached = self.cached_train  # loads + undistorts, updating ds.cameras' intrinsics
+
+        def load(i: int) -> torch.Tensor:
+            return cached[i]["image"].cpu()
+
+        # Without distortion these are the same pixels and cameras as the ray-based datamanager's: same cache entry.
+        extra = {"scale_factor": ds.scale_factor, **({"undistorted": True} if distorted else {})}
+        source = view_source_from_dataset(ds, load, self.config.dataparser.data, extra)
+        self.feature_store = FeatureStore(self.config.features, source, device=str(device)).prepare()
+        _publish(self.feature_store, ds.metadata)
+
+    @property
+    def feature_grid(self) -> Tuple[int, int]:
+        return self.feature_store.grid
+
+    def next_train(self, step: int):
+        camera, data = super().next_train(step)
+        idx = int(camera.metadata["cam_idx"])
+        data["feature"] = self.feature_store.feature_map(idx).to(self.device)
+        data["feature_grid"] = self.feature_store.grid
+        return camera, data

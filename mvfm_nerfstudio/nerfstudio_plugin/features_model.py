@@ -1,0 +1,287 @@
+"""``mvfm-features``: nerfacto plus a feature field distilled from cached MVFM features.
+
+Design:
+
+* RGB, density, proposal sampling and all nerfacto losses are unchanged (subclass).
+* A separate **feature field** (multi-resolution hash grid, PyTorch fallback on CPU, then a
+  small MLP) maps a 3D position to a ``D``-dim feature, ``D`` = the feature cache's
+  dimension (read from the training dataset metadata the datamanager fills in).
+* Rendering: ``feature = sum_i w_i f_i / max(sum_i w_i, 1e-3)`` over nerfacto's final
+  samples with the weights **detached**: the feature loss never moves the geometry
+  (RGB alone decides where surfaces are), and normalising by the accumulation lets rays
+  that are not yet opaque still match their target.
+* Feature loss (``feature_loss``): ``"mse"`` (default; mean squared error over rays and
+  channels, on the PCA-centred cached features, so it matches direction *and* magnitude)
+  or ``"cosine"`` (``1 - cos``, scale-free) or ``"mse+cosine"``; scaled by
+  ``feature_loss_mult``.
+* Outputs: ``feature`` ``[..., D]``; ``feature_pca`` ``[..., 3]`` through one fixed
+  projection (:class:`~mvfm_nerfstudio.features.FeatureDisplay`, basis taken from the
+  feature cache at setup and saved in the checkpoint, so the viewer does not flicker);
+  once a query feature is set, ``similarity`` and ``segmentation`` ``[..., 1]``.
+* :meth:`MVFMFeaturesModel.feature_at_ray` renders the feature along one ray (the
+  viewer's click-to-query).
+* LPIPS: nerfacto builds torchmetrics' LPIPS in ``populate_modules``, which downloads
+  AlexNet weights (fails offline). Here it is a lazy stand-in, built on first use only if
+  ``compute_lpips=True``; otherwise the ``lpips`` eval metric is omitted.
+"""
+
+from __future__ import annotations
+
+import threading
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type
+
+import torch
+import torch.nn.functional as F
+from nerfstudio.cameras.rays import RayBundle, RaySamples
+from nerfstudio.data.scene_box import SceneBox
+from nerfstudio.field_components.encodings import HashEncoding
+from nerfstudio.field_components.mlp import MLP
+from nerfstudio.model_components.renderers import DepthRenderer
+from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
+from torch import nn
+from torch.nn import Parameter
+
+from ..features import FeatureDisplay, PCABasis
+from .datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
+
+__all__ = ["MVFMFeaturesModelConfig", "MVFMFeaturesModel", "FeatureField", "feature_loss"]
+
+
+def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
+    """Distillation loss between rendered and cached features ``[R, D]`` (see the module docstring)."""
+    if kind not in ("mse", "cosine", "mse+cosine"):
+        raise ValueError(f"feature_loss must be 'mse', 'cosine' or 'mse+cosine', got {kind!r}")
+    loss = pred.new_zeros(())
+    if "mse" in kind:
+        loss = loss + F.mse_loss(pred, target)
+    if "cosine" in kind:
+        loss = loss + (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)).mean()
+    return loss
+
+
+class FeatureField(nn.Module):
+    """Hash grid + MLP: normalised positions ``[..., 3]`` in [0, 1] -> features ``[..., D]``."""
+
+    def __init__(self, out_dim: int, num_levels: int, max_res: int, log2_hashmap_size: int, features_per_level: int,
+                 hidden_dim: int, num_layers: int, implementation: Literal["tcnn", "torch"]):
+        super().__init__()
+        self.encoding = HashEncoding(
+            num_levels=num_levels,
+            min_res=16,
+            max_res=max_res,
+            log2_hashmap_size=log2_hashmap_size,
+            features_per_level=features_per_level,
+            implementation=implementation,
+        )
+        self.mlp = MLP(
+            in_dim=self.encoding.get_out_dim(),
+            num_layers=num_layers,
+            layer_width=hidden_dim,
+            out_dim=out_dim,
+            activation=nn.ReLU(),
+            out_activation=None,
+            implementation=implementation,
+        )
+
+    def forward(self, positions: torch.Tensor) -> torch.Tensor:
+        flat = positions.reshape(-1, 3)
+        out = self.mlp(self.encoding(flat))
+        return out.view(*positions.shape[:-1], -1).float()
+
+
+class _CapturingDepthRenderer(DepthRenderer):
+    """nerfacto's expected-depth renderer, which is called with the final samples and their weights;
+    it also remembers them (per thread: the viewer renders while training runs)."""
+
+    def __init__(self, method: str = "expected"):
+        super().__init__(method=method)
+        self._local = threading.local()
+
+    def forward(self, weights, ray_samples, ray_indices=None, num_rays=None):
+        self._local.last = (weights, ray_samples)
+        return super().forward(weights=weights, ray_samples=ray_samples, ray_indices=ray_indices, num_rays=num_rays)
+
+    def pop(self) -> Tuple[torch.Tensor, RaySamples]:
+        last = getattr(self._local, "last", None)
+        if last is None:
+            raise RuntimeError("nerfacto did not render expected depth: cannot attach features to its samples")
+        self._local.last = None
+        return last
+
+
+class _LazyLPIPS:
+    """Stand-in for torchmetrics' LPIPS: built on first call when enabled (its constructor downloads AlexNet)."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self._metric = None
+
+    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return torch.tensor(float("nan"))
+        if self._metric is None:
+            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
+
+            self._metric = LearnedPerceptualImagePatchSimilarity(normalize=True)
+        return self._metric.to(a.device)(a, b)
+
+
+@contextmanager
+def _lazy_lpips(enabled: bool) -> Iterator[None]:
+    """While active, constructing torchmetrics' LPIPS returns a :class:`_LazyLPIPS` instead."""
+    import torchmetrics.image.lpip as lpip_module
+
+    original = lpip_module.LearnedPerceptualImagePatchSimilarity
+    lpip_module.LearnedPerceptualImagePatchSimilarity = lambda *a, **k: _LazyLPIPS(enabled)  # type: ignore
+    try:
+        yield
+    finally:
+        lpip_module.LearnedPerceptualImagePatchSimilarity = original
+
+
+@dataclass
+class MVFMFeaturesModelConfig(NerfactoModelConfig):
+    """nerfacto + an MVFM feature field (the feature dimension comes from the datamanager's feature cache)."""
+
+    _target: Type = field(default_factory=lambda: MVFMFeaturesModel)
+    feature_loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
+    """Feature distillation loss: 'mse' (matches direction and magnitude of the PCA-centred cached features),
+    'cosine' (1 - cos, scale-free) or their sum."""
+    feature_loss_mult: float = 1.0
+    """Weight of the feature loss relative to nerfacto's RGB loss."""
+    feature_num_levels: int = 12
+    """Hash-grid levels of the feature field."""
+    feature_max_res: int = 256
+    """Finest hash-grid resolution of the feature field (features are smoother than colour)."""
+    feature_log2_hashmap_size: int = 17
+    """log2 of the feature field's hash table size per level."""
+    feature_features_per_level: int = 2
+    """Features per hash-grid level of the feature field."""
+    feature_hidden_dim: int = 64
+    """Width of the feature field's MLP."""
+    feature_num_layers: int = 2
+    """Layers of the feature field's MLP."""
+    segmentation_threshold: float = 0.7
+    """Initial cosine-similarity threshold of the 'segmentation' output."""
+    compute_lpips: bool = False
+    """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
+
+
+class MVFMFeaturesModel(NerfactoModel):
+    """nerfacto with a feature field supervised by MVFM features (see the module docstring)."""
+
+    config: MVFMFeaturesModelConfig
+
+    def populate_modules(self):
+        with _lazy_lpips(self.config.compute_lpips):
+            super().populate_modules()
+        metadata = self.kwargs.get("metadata") or {}
+        if FEATURE_DIM_KEY not in metadata:
+            raise ValueError(
+                "the mvfm-features model needs MVFM features: use the MVFM datamanager "
+                "(mvfm_nerfstudio.nerfstudio_plugin.datamanager.MVFMDataManagerConfig), which puts "
+                f"{FEATURE_DIM_KEY!r} into the training dataset metadata"
+            )
+        dim = int(metadata[FEATURE_DIM_KEY])
+        c = self.config
+        self.feature_field = FeatureField(
+            dim, c.feature_num_levels, c.feature_max_res, c.feature_log2_hashmap_size, c.feature_features_per_level,
+            c.feature_hidden_dim, c.feature_num_layers, c.implementation,
+        )
+        self.feature_display = FeatureDisplay(dim, threshold=c.segmentation_threshold)
+        if metadata.get(DISPLAY_BASIS_KEY) is not None:
+            self.feature_display.set_basis(PCABasis.from_state(metadata[DISPLAY_BASIS_KEY]))
+        self.renderer_expected_depth = _CapturingDepthRenderer(method="expected")
+
+    @property
+    def feature_dim(self) -> int:
+        return self.feature_display.feature_dim
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_param_groups()
+        groups["feature_field"] = list(self.feature_field.parameters())
+        return groups
+
+    def _normalized_positions(self, ray_samples: RaySamples) -> torch.Tensor:
+        """Sample positions in [0, 1]^3, normalised exactly as nerfacto's field does."""
+        positions = ray_samples.frustums.get_positions()
+        if self.field.spatial_distortion is not None:
+            return (self.field.spatial_distortion(positions) + 2.0) / 4.0
+        return SceneBox.get_normalized_positions(positions, self.field.aabb)
+
+    def render_features(self, ray_samples: RaySamples, weights: torch.Tensor) -> torch.Tensor:
+        """``[R, D]`` = accumulation-normalised weighted sum of the feature field over the samples."""
+        w = weights.detach()
+        feats = self.feature_field(self._normalized_positions(ray_samples).detach())
+        return (w * feats).sum(dim=-2) / w.sum(dim=-2).clamp_min(1e-3)
+
+    def get_outputs(self, ray_bundle: RayBundle):
+        outputs = super().get_outputs(ray_bundle)
+        weights, ray_samples = self.renderer_expected_depth.pop()
+        feature = self.render_features(ray_samples, weights)
+        outputs["feature"] = feature
+        outputs.update(self.feature_display(feature))
+        return outputs
+
+    def get_metrics_dict(self, outputs, batch):
+        metrics = super().get_metrics_dict(outputs, batch)
+        if "feature" in batch:
+            with torch.no_grad():
+                target = batch["feature"].to(outputs["feature"])
+                metrics["feature_cosine"] = F.cosine_similarity(outputs["feature"], target, dim=-1).mean()
+        return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None):
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if "feature" in batch:
+            target = batch["feature"].to(outputs["feature"])
+            loss_dict["feature_loss"] = self.config.feature_loss_mult * feature_loss(
+                outputs["feature"], target, self.config.feature_loss
+            )
+        return loss_dict
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        if not self.config.compute_lpips:
+            metrics.pop("lpips", None)
+        images["feature_pca"] = outputs["feature_pca"]
+        return metrics, images
+
+    @torch.no_grad()
+    def feature_at_ray(self, origin: torch.Tensor, direction: torch.Tensor, camera_index: int = 0) -> torch.Tensor:
+        """Render the feature along one ray.
+
+        Args:
+            origin: ``[3]`` ray origin in the model's world frame (Nerfstudio's dataparser-normalised
+                coordinates, i.e. the frame of ``Cameras.camera_to_worlds``; the viewer's scene
+                coordinates divided by ``VISER_NERFSTUDIO_SCALE_RATIO``).
+            direction: ``[3]`` ray direction (any length > 0).
+            camera_index: training camera whose appearance embedding to use (irrelevant for features).
+
+        Returns:
+            ``[D]`` feature (float32, on the model's device).
+        """
+        origin = torch.as_tensor(origin, dtype=torch.float32, device=self.device).reshape(1, 3)
+        direction = torch.as_tensor(direction, dtype=torch.float32, device=self.device).reshape(1, 3)
+        norm = direction.norm()
+        if not torch.isfinite(norm) or norm <= 0 or not torch.isfinite(origin).all():
+            raise ValueError(f"feature_at_ray needs a finite origin and a non-zero direction, got {origin}, {direction}")
+        bundle = RayBundle(
+            origins=origin,
+            directions=direction / norm,
+            pixel_area=torch.full((1, 1), 1e-6, device=self.device),
+            camera_indices=torch.full((1, 1), camera_index, dtype=torch.long, device=self.device),
+        )
+        was_training = self.training
+        self.eval()
+        try:
+            outputs = self.forward(bundle)
+        finally:
+            self.train(was_training)
+        return outputs["feature"][0]
+
+    def set_query(self, query: Optional[torch.Tensor]) -> None:
+        """Set (or clear with None) the ``[D]`` query feature behind the similarity/segmentation outputs."""
+        self.feature_display.set_query(query)

@@ -12,6 +12,7 @@ No Nerfstudio imports here (the plugin builds on this package, not the reverse).
 """
 
 from .correspondences import Correspondences, correspondences_from_depth, correspondences_from_tracks, project_points
+from .generator import SceneGeneratorConfig, make_scene
 from .readers import (
     attach_colmap_tracks,
     find_colmap_model,
@@ -27,6 +28,7 @@ __all__ = [
     "Correspondences",
     "PosedScene",
     "SceneError",
+    "SceneGeneratorConfig",
     "Tracks",
     "ViewBatch",
     "attach_colmap_tracks",
@@ -34,6 +36,7 @@ __all__ = [
     "correspondences_from_tracks",
     "find_colmap_model",
     "load_scene",
+    "make_scene",
     "project_points",
     "read_colmap_model",
     "read_colmap_scene",

@@ -46,7 +46,7 @@ COLMAP_MODEL_DIRS = ("colmap_knownposes", "colmap/sparse/0", "sparse/0", "sparse
 # Nerfstudio's implicit applied_transform for folders made by ns-process-data from colmap/sparse/0.
 _NS_LEGACY_APPLIED_TRANSFORM = [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, -1, 0]]
 
-_SUPPORTED_NS_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "RADIAL", "SIMPLE_RADIAL", "PERSPECTIVE")
+_SUPPORTED_NS_MODELS = ("OPENCV", "PINHOLE", "SIMPLE_PINHOLE", "RADIAL", "SIMPLE_RADIAL")
 
 
 def _is_colmap_model(path: Path) -> bool:

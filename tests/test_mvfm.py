@@ -136,13 +136,17 @@ def test_pose_free_mode_needs_no_cameras():
 def test_adapter_block_selection_and_sharing():
     m = create_mvfm("dinov2_vits14", weights="random", tiny=True, adapter_blocks=(-1,))
     assert m.adapter_of_block == [-1, 0] and len(m.adapters) == 1
-    full = create_mvfm("dinov2_vits14", weights="random", tiny=False, share_adapters=True)
+    full = create_mvfm("dinov2_vits14", weights="random", share_adapters=True, adapter_dim=384)
     assert len(full.adapters) == 2 and full.adapter_of_block == [0] + [1] * 11
-    per_layer = create_mvfm("dinov2_vits14", weights="random", tiny=False)
+    per_layer = create_mvfm("dinov2_vits14", weights="random", adapter_dim=384)
     n_shared = sum(p.numel() for p in full.trainable_parameters())
     n_layer = sum(p.numel() for p in per_layer.trainable_parameters())
     # ViT-S: ~2M params per adapter (+ ray embedding), as in METHOD.md's ~25M for per-layer adapters
     assert 3.5e6 < n_shared < 5e6 and 2.2e7 < n_layer < 2.7e7, (n_shared, n_layer)
+    # default: half-width adapters, ~1/3 of the parameters
+    half = create_mvfm("dinov2_vits14", weights="random")
+    assert half.adapters[1].attn.qkv.in_features == 192
+    assert 6e6 < sum(p.numel() for p in half.trainable_parameters()) < 8e6
     with pytest.raises(ValueError, match="out of range"):
         create_mvfm("dinov2_vits14", weights="random", tiny=True, adapter_blocks=(5,))
 

@@ -50,7 +50,8 @@ class MVFMConfig:
     share_adapters: bool = False
     """Use one shared adapter for all adapted blocks after the first (the authors' code does this)."""
     adapter_dim: Optional[int] = None
-    """Width inside the adapters; None = the backbone's token width. Smaller is cheaper."""
+    """Width inside the adapters; None = half the backbone's token width (adapters then cost ~0.3x the
+    backbone instead of ~1x; set it to the backbone width to match the paper)."""
     num_heads: int = 8
     """Attention heads in each adapter."""
     mlp_ratio: float = 4.0
@@ -166,7 +167,7 @@ class MultiViewFoundationModel(nn.Module):
         adapted = sorted({b % depth if -depth <= b < depth else _bad_block(b, depth) for b in blocks})
         if not adapted:
             raise ValueError("adapter_blocks is empty: the MVFM needs at least one adapter")
-        adapter_dim = config.adapter_dim or dim
+        adapter_dim = config.adapter_dim or max(config.num_heads, dim // 2)
         extra = config.ray_embed_dim if config.use_rays else 0
         n_modules = min(2, len(adapted)) if config.share_adapters else len(adapted)
         self.adapters = nn.ModuleList(

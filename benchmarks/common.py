@@ -42,6 +42,45 @@ def time_interleaved(fns: Dict[str, Callable[[], object]], repeats: int = 5, war
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+_SDPA_CPU_REGISTERED = False
+
+
+def _register_cpu_sdpa_flops() -> None:
+    """torch's FlopCounterMode knows the CUDA attention kernels, not the CPU flash kernel: add it."""
+    global _SDPA_CPU_REGISTERED
+    if _SDPA_CPU_REGISTERED:
+        return
+    from torch.utils.flop_counter import register_flop_formula
+
+    @register_flop_formula(torch.ops.aten._scaled_dot_product_flash_attention_for_cpu)
+    def _sdpa_cpu_flops(query_shape, key_shape, value_shape, *args, out_shape=None, **kwargs) -> int:
+        b, h, lq, e = query_shape
+        s_k, ev = key_shape[-2], value_shape[-1]
+        return 2 * b * h * lq * s_k * e + 2 * b * h * lq * s_k * ev
+
+    _SDPA_CPU_REGISTERED = True
+
+
+def count_flops(fn: Callable[[], object]) -> int:
+    """Floating-point operations (2 per multiply-add) of matmuls, convolutions and attention in ``fn``."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    _register_cpu_sdpa_flops()
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak_gflops(sizes: Sequence[int] = (1024, 2048, 3072), repeats: int = 5) -> Dict[str, float]:
+    """Best fp32 GEMM throughput over a few square sizes (GFLOP/s), with the current thread count."""
+    best = {}
+    for n in sizes:
+        a, b = torch.randn(n, n), torch.randn(n, n)
+        t = time_interleaved({"mm": lambda: a @ b}, repeats=repeats)["mm"]
+        best[str(n)] = 2 * n**3 / t / 1e9
+    return best
+
+
 def current_rss_mb() -> float:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20

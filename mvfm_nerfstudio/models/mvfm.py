@@ -237,11 +237,10 @@ class MultiViewFoundationModel(nn.Module):
         validate_cam_to_world(cam_to_world)
         return intrinsics, cam_to_world
 
-    def ray_tokens(self, intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Patchified Plücker embedding ``[B, S, T, ray_embed_dim]`` in the canonical frame."""
+    def ray_tokens(self, intrinsics: torch.Tensor, normalized_c2w: torch.Tensor, height: int, width: int) -> torch.Tensor:
+        """Patchified Plücker embedding ``[B, S, T, ray_embed_dim]`` of cameras already in the canonical frame."""
         b, s = intrinsics.shape[:2]
-        normalized, _ = normalize_cameras(cam_to_world.double(), self.config.reference_frame)
-        rays = plucker_rays(intrinsics.double(), normalized, height, width).float()  # [B, S, 6, H, W]
+        rays = plucker_rays(intrinsics.double(), normalized_c2w, height, width).float()  # [B, S, 6, H, W]
         emb = self.ray_embed(rays.flatten(0, 1))  # [B*S, E, h, w]
         return emb.flatten(2).transpose(1, 2).reshape(b, s, -1, emb.shape[1])
 
@@ -259,12 +258,14 @@ class MultiViewFoundationModel(nn.Module):
         tokens, ctx = bb.embed(bb.normalize(images.flatten(0, 1)))
         t = ctx.grid[0] * ctx.grid[1]
         prefix = bb.num_prefix_tokens
+        normalized = None
+        if cam_to_world is not None:
+            normalized, _ = normalize_cameras(cam_to_world.to(images.device).double(), self.config.reference_frame)
         rays = None
         if self.ray_embed is not None:
-            rays = self.ray_tokens(intrinsics.to(images.device), cam_to_world.to(images.device), height, width)
+            rays = self.ray_tokens(intrinsics.to(images.device), normalized, height, width)
         neighbors = None
         if self.config.attention == "knn":
-            normalized = None if cam_to_world is None else normalize_cameras(cam_to_world.double())[0]
             neighbors = select_neighbor_views(self.config.num_neighbors, s, b, normalized, device=images.device)
         for i in range(bb.depth):
             tokens = bb.run_block(i, tokens, ctx)

@@ -1,0 +1,165 @@
+"""``mvfm-eval``: base vs MVFM on the same view sets of one or more scenes -> JSON + PNG plots."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, Literal, Optional, Tuple
+
+import torch
+
+from ..utils.io import atomic_write
+from .evaluate import DEFAULT_PCK_THRESHOLDS, evaluate_sets
+
+__all__ = ["EvalConfig", "run_evaluation", "model_from_checkpoint"]
+
+
+@dataclass
+class EvalConfig:
+    """Measure multi-view consistency of an MVFM against its base model on held-out view sets.
+
+    Both models see the same sets and correspondences; Loc. Err. is the hard-argmax protocol of
+    METHOD.md, PCK is at pixel thresholds of the evaluated images, Base Sim. the mean per-pixel
+    cosine between MVFM and base features.
+    """
+
+    scenes: Tuple[Path, ...] = ()
+    """Scene folders to evaluate (transforms.json and/or COLMAP model with tracks, or depth)."""
+    adapters: Optional[Path] = None
+    """MVFM adapter checkpoint (.safetensors, e.g. from mvfm-train). None = untrained adapters (= base)."""
+    output_dir: Path = Path("outputs/mvfm-eval")
+    """Where metrics.json, viewpoint_curve.png and matches_<scene>.png go."""
+    backbone: Optional[str] = None
+    """Backbone; default: the checkpoint's (else dinov2_vits14_reg)."""
+    weights: Optional[str] = None
+    """Backbone weights ('pretrained', a file, 'random'); default: what the checkpoint was trained with."""
+    tiny: Optional[bool] = None
+    """Tiny test backbone; default: the checkpoint's."""
+    model_seed: Optional[int] = None
+    """Seed for random backbone weights; default: the checkpoint's (so a random backbone is rebuilt identically)."""
+    image_size: Optional[int] = None
+    """Long image side in pixels; default: the training resolution stored in the checkpoint, else 224."""
+    holdout_every: Optional[int] = None
+    """Held-out split (every k-th view); default: the checkpoint's, else 8. Must match training to be meaningful."""
+    split: Literal["heldout", "all"] = "heldout"
+    """'heldout': every set contains at least one held-out view; 'all': sets drawn from all views."""
+    num_views: int = 4
+    """Views per set (2 gives the paper's viewpoint-curve protocol)."""
+    num_sets: int = 32
+    """View sets per scene."""
+    min_shared: int = 32
+    """Each view of a set shares at least this many correspondences with another view of the set."""
+    max_per_pair: Optional[int] = 256
+    """Keep at most this many correspondences per ordered view pair (None = all)."""
+    pck_thresholds: Tuple[float, ...] = DEFAULT_PCK_THRESHOLDS
+    """PCK thresholds in pixels of the evaluated images."""
+    angle_bin_deg: float = 5.0
+    """Bin width of the viewpoint curve (degrees)."""
+    seed: int = 0
+    """Seed of the view-set sampling."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Device ('auto' = cuda if available)."""
+    num_threads: int = 2
+    """Torch CPU threads."""
+    plots: bool = True
+    """Write the PNG figures."""
+    progress: bool = True
+    """Show progress bars."""
+
+
+def _checkpoint_defaults(path: Optional[Path]) -> Dict[str, object]:
+    from ..models.checkpoint import read_adapter_metadata
+
+    if path is None:
+        return {}
+    meta = read_adapter_metadata(path)
+    train = json.loads(meta.get("train_config", "{}"))
+    return {
+        "backbone": meta.get("backbone"),
+        "tiny": meta.get("tiny") == "1",
+        "weights": train.get("weights"),  # exactly as given to mvfm-train (None for other checkpoints)
+        "model_seed": int(meta["model_seed"]) if "model_seed" in meta else None,
+        "image_size": int(meta["image_size"]) if "image_size" in meta else None,
+        "holdout_every": int(meta["holdout_every"]) if "holdout_every" in meta else None,
+    }
+
+
+def _pick(value, default, fallback):
+    return value if value is not None else (default if default is not None else fallback)
+
+
+def model_from_checkpoint(config: EvalConfig):
+    """The MVFM to evaluate, rebuilt from the checkpoint's metadata unless the config overrides it.
+
+    Returns:
+        ``(model, resolved)``: the model and a dict of the resolved settings.
+    """
+    from ..models.checkpoint import read_adapter_metadata
+    from ..models.mvfm import MVFMConfig
+    from ..training.config import TrainConfig
+    from ..training.trainer import build_model
+
+    d = _checkpoint_defaults(config.adapters)
+    resolved = {
+        "backbone": _pick(config.backbone, d.get("backbone"), "dinov2_vits14_reg"),
+        "weights": _pick(config.weights, d.get("weights"), "pretrained"),
+        "tiny": _pick(config.tiny, d.get("tiny"), False),
+        "model_seed": _pick(config.model_seed, d.get("model_seed"), 0),
+        "image_size": _pick(config.image_size, d.get("image_size"), 224),
+        "holdout_every": _pick(config.holdout_every, d.get("holdout_every"), 8),
+    }
+    mvfm = MVFMConfig()
+    if config.adapters is not None:
+        mvfm = MVFMConfig.from_dict(json.loads(read_adapter_metadata(config.adapters)["config"]))
+    tc = TrainConfig(backbone=resolved["backbone"], weights=str(resolved["weights"]), tiny=bool(resolved["tiny"]),
+                     model_seed=int(resolved["model_seed"]), mvfm=mvfm, init_adapters=config.adapters)
+    return build_model(tc), resolved
+
+
+def run_evaluation(config: EvalConfig) -> Dict[str, object]:
+    """Evaluate every scene; writes ``metrics.json`` (+ PNGs) to ``config.output_dir`` and returns the metrics."""
+    from ..training.scene_data import build_view_sets, heldout_view_sets, prepare_scene
+    from ..training.trainer import resolve_device
+    from .plots import plot_matches, plot_viewpoint_curve
+
+    if not config.scenes:
+        raise ValueError("no scenes to evaluate: pass --scenes PATH ...")
+    torch.set_num_threads(max(1, config.num_threads))
+    device = resolve_device(config.device)
+    model, resolved = model_from_checkpoint(config)
+    model.to(device).eval()
+    out_dir = Path(config.output_dir)
+    results: Dict[str, Dict] = {}
+    curves = {}
+    t0 = time.perf_counter()
+    for i, scene in enumerate(config.scenes):
+        data = prepare_scene(scene, int(resolved["image_size"]), model.patch_size, int(resolved["holdout_every"]))
+        views = min(config.num_views, len(data.scene))
+        seed = config.seed + 7919 * i
+        if config.split == "heldout":
+            sets = heldout_view_sets(data, views, config.num_sets, config.min_shared, seed, config.max_per_pair)
+        else:
+            sets = build_view_sets(data, views, config.num_sets, config.min_shared, seed, max_per_pair=config.max_per_pair)
+        res = evaluate_sets(model, data, sets, include_base=True, progress=config.progress)
+        summary = res.summary(config.pck_thresholds, config.angle_bin_deg)
+        results[data.name] = summary
+        curves[data.name] = summary["viewpoint_curve"]
+        if config.plots and res.example is not None:
+            plot_matches(res.example, out_dir / f"matches_{data.name}.png",
+                         title=f"{data.name}: o truth  x base  + MVFM (views {list(res.example['views'])})")
+    if config.plots:
+        plot_viewpoint_curve(curves, out_dir / "viewpoint_curve.png", title="Loc. Err. vs viewpoint change")
+    payload = {
+        "adapters": None if config.adapters is None else str(config.adapters),
+        "resolved": resolved,
+        "split": config.split,
+        "num_views": config.num_views,
+        "pck_thresholds_px": list(config.pck_thresholds),
+        "scenes": results,
+        "seconds": round(time.perf_counter() - t0, 1),
+    }
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(out_dir / "metrics.json", json.dumps(payload, indent=2).encode())
+    return payload

@@ -1,0 +1,170 @@
+"""Training configuration (``mvfm-train``) and named presets from ``configs/train/*.yaml``."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Literal, Optional, Tuple
+
+import yaml
+
+from ..models.mvfm import MVFMConfig
+
+__all__ = ["TrainConfig", "PRESET_DIR", "list_presets", "load_preset", "config_to_dict", "config_from_dict"]
+
+# Presets live in the repository's configs/train folder (next to the package in a source checkout).
+PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
+
+
+@dataclass
+class TrainConfig:
+    """Train MV-Adapters on the ground-truth correspondences of posed scenes.
+
+    Losses (METHOD.md): dense soft-argmax location loss + ``reg_weight`` x keep-the-base
+    regulariser (+ optional InfoNCE). AdamW, fp32 on CPU. Views of every scene are split into
+    train / held-out (every ``holdout_every``-th view); training only sees sets of train views.
+    """
+
+    scenes: Tuple[Path, ...] = ()
+    """Scene folders (transforms.json and/or a COLMAP model with tracks, or depth maps)."""
+    output_dir: Path = Path("outputs/mvfm-train")
+    """Run folder: adapters.safetensors, checkpoints/, tensorboard/, config.json."""
+    backbone: str = "dinov2_vits14_reg"
+    """Registered backbone name (see ``mvfm-info``)."""
+    weights: str = "pretrained"
+    """Backbone weights: 'pretrained', a local weights file, or 'random' (tests and demos)."""
+    tiny: bool = False
+    """Tiny test-size random backbone (2 blocks, width 64); requires weights='random'."""
+    model_seed: int = 0
+    """Torch seed set before building the model: fixes random backbone weights and adapter init (stored in the checkpoint so evaluation rebuilds the same random backbone)."""
+    mvfm: MVFMConfig = field(default_factory=MVFMConfig)
+    """Adapter architecture."""
+    init_adapters: Optional[Path] = None
+    """Start from these adapters (fine-tuning / per-scene adaptation of a pretrained MVFM)."""
+    image_size: int = 224
+    """Long image side in pixels (rounded to the patch size; aspect ratio kept)."""
+    num_views: int = 4
+    """Views per set (S)."""
+    min_shared: int = 64
+    """A set is valid only if each view shares at least this many correspondences with another view of the set."""
+    pool_sets: int = 256
+    """View sets (with correspondences) precomputed per scene; steps draw from this pool."""
+    batch_sets: int = 1
+    """View sets per step and process (global batch = batch_sets x world size)."""
+    num_correspondences: int = 256
+    """Correspondences per set and step (subsampled at random)."""
+    holdout_every: int = 8
+    """Hold out every k-th view of each scene (0 = use all views for training)."""
+    steps: int = 1000
+    """Optimiser steps."""
+    lr: float = 1e-4
+    """AdamW learning rate (peak)."""
+    weight_decay: float = 0.01
+    """AdamW weight decay."""
+    warmup_steps: int = 0
+    """Linear learning-rate warm-up steps."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Learning-rate schedule after warm-up."""
+    min_lr_ratio: float = 0.1
+    """Final learning rate / lr for the cosine schedule."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (0 = off)."""
+    temperature: float = 0.02
+    """Softmax temperature of the soft-argmax location loss."""
+    reg_weight: float = 0.1
+    """Weight of the keep-the-base regulariser."""
+    nce_weight: float = 0.0
+    """Weight of the InfoNCE loss (0 = off, as in the paper)."""
+    nce_temperature: float = 0.07
+    """InfoNCE temperature."""
+    seed: int = 0
+    """Seed of view-set pools and per-step sampling (each step's draw depends only on seed and step)."""
+    checkpoint_every: int = 500
+    """Write adapters + optimiser state every N steps (and at the end)."""
+    keep_checkpoints: int = 2
+    """Keep only the newest N checkpoints (0 = keep all)."""
+    log_every: int = 10
+    """Log scalars to tensorboard every N steps."""
+    eval_every: int = 0
+    """Evaluate held-out Loc. Err. every N steps (0 = only at the end)."""
+    eval_sets: int = 16
+    """Held-out view sets per scene for evaluation during training."""
+    resume: bool = False
+    """Continue from the newest checkpoint in output_dir (bit-exact with an uninterrupted run on CPU)."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Training device ('auto' = cuda if available)."""
+    num_threads: int = 0
+    """Torch CPU threads per process while training (0 = leave torch's setting). On a busy machine fewer threads can be much faster."""
+    tensorboard: bool = True
+    """Write tensorboard scalars to output_dir/tensorboard."""
+    progress: bool = True
+    """Show a rich progress bar."""
+
+
+def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
+    """JSON-able dict of a :class:`TrainConfig` (paths as strings, tuples as lists)."""
+
+    def plain(v: Any) -> Any:
+        if isinstance(v, Path):
+            return str(v)
+        if isinstance(v, (tuple, list)):
+            return [plain(x) for x in v]
+        if isinstance(v, dict):
+            return {k: plain(x) for k, x in v.items()}
+        return v
+
+    d = {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    d["mvfm"] = config.mvfm.to_dict()
+    return d
+
+
+_PATH_FIELDS = {"output_dir", "init_adapters"}
+
+
+def config_from_dict(d: Dict[str, Any], base: Optional[TrainConfig] = None) -> TrainConfig:
+    """Build a :class:`TrainConfig` from a (partial) dict, on top of ``base`` (default: the defaults).
+
+    Raises:
+        ValueError: unknown keys (named).
+    """
+    base = base or TrainConfig()
+    known = {f.name for f in dataclasses.fields(TrainConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown training config keys {unknown}; known keys: {sorted(known)}")
+    updates: Dict[str, Any] = {}
+    for key, value in d.items():
+        if key == "mvfm":
+            merged = {**base.mvfm.to_dict(), **(value or {})}
+            updates[key] = MVFMConfig.from_dict(merged)
+        elif key == "scenes":
+            updates[key] = tuple(Path(p) for p in (value or ()))
+        elif key in _PATH_FIELDS:
+            updates[key] = None if value is None else Path(value)
+        else:
+            updates[key] = value
+    return dataclasses.replace(base, **updates)
+
+
+def list_presets() -> List[str]:
+    """Names of the presets in ``configs/train`` (empty if the folder is not available)."""
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+
+
+def load_preset(name_or_path: str) -> TrainConfig:
+    """A :class:`TrainConfig` from a preset name (``configs/train/<name>.yaml``) or a YAML/JSON file path."""
+    path = Path(name_or_path)
+    if not path.is_file():
+        path = PRESET_DIR / f"{name_or_path}.yaml"
+    if not path.is_file():
+        raise ValueError(
+            f"unknown training preset {name_or_path!r}: not a file and not one of {list_presets()} "
+            f"(in {PRESET_DIR})"
+        )
+    text = path.read_text()
+    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    data = data or {}
+    data.pop("description", None)
+    return config_from_dict(data)

@@ -1,0 +1,192 @@
+"""In-memory per-scene data for training and evaluation: views at one resolution, a train /
+held-out split, pools of view sets with their correspondences, and cached base features.
+
+Everything is computed once per scene (scenes here have tens of views; at ~224 px a scene's
+images take a few tens of MB), so a training step only indexes tensors.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from functools import partial
+from pathlib import Path
+from typing import Callable, List, Optional, Sequence, Tuple, Union
+
+import torch
+
+from ..data import Correspondences, PosedScene, correspondences_from_depth, correspondences_from_tracks, load_scene
+
+__all__ = ["SceneData", "ViewSet", "resolution_for", "prepare_scene", "build_view_sets", "heldout_view_sets"]
+
+SceneLike = Union[PosedScene, str, Path]
+
+
+def resolution_for(image_size: Tuple[int, int], long_side: int, patch_size: int) -> Tuple[int, int]:
+    """``(H, W)`` with the long side ~``long_side`` px, both multiples of ``patch_size``, aspect kept.
+
+    Each side is rounded to the nearest multiple of the patch (at least one patch).
+    """
+    if long_side < patch_size:
+        raise ValueError(f"image long side {long_side} is smaller than one {patch_size}px patch")
+    h, w = image_size
+    scale = long_side / max(h, w)
+    return tuple(max(patch_size, int(round(s * scale / patch_size)) * patch_size) for s in (h, w))  # type: ignore[return-value]
+
+
+@dataclass
+class ViewSet:
+    """One set of S views with its ground-truth correspondences in training-resolution pixels.
+
+    Correspondences are computed on first access of :attr:`corr` (by ``source``) and cached, so
+    large pools cost nothing until a set is drawn.
+    """
+
+    views: Tuple[int, ...]
+    """Scene view indices (positions 0..S-1 in ``corr`` refer to this order)."""
+    source: Optional[Callable[[], Correspondences]] = field(default=None, repr=False)
+    """Computes the correspondences (scaled to the :class:`SceneData` resolution)."""
+    _corr: Optional[Correspondences] = field(default=None, repr=False)
+
+    @property
+    def corr(self) -> Correspondences:
+        if self._corr is None:
+            if self.source is None:
+                raise ValueError(f"view set {self.views} has neither correspondences nor a source for them")
+            self._corr = self.source()
+        return self._corr
+
+
+@dataclass
+class SceneData:
+    """One scene's views loaded at a fixed resolution, with its train / held-out split.
+
+    Attributes:
+        scene: the posed scene.
+        size: ``(H, W)`` of the loaded images (multiples of the patch size).
+        images: ``[N, 3, H, W]`` float32 in [0, 1], all N views of the scene.
+        intrinsics: ``[N, 3, 3]`` float32 in pixels of ``size``.
+        cam_to_world: ``[N, 4, 4]`` float32 OpenCV.
+        train_views / heldout_views: scene view indices of the split.
+        base: ``[N, C, h, w]`` frozen-base features of every view once :meth:`compute_base` ran.
+    """
+
+    scene: PosedScene
+    size: Tuple[int, int]
+    images: torch.Tensor
+    intrinsics: torch.Tensor
+    cam_to_world: torch.Tensor
+    train_views: List[int]
+    heldout_views: List[int]
+    base: Optional[torch.Tensor] = None
+
+    @property
+    def name(self) -> str:
+        return self.scene.name
+
+    def inputs(self, views: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Model inputs for one set: images ``[1, S, 3, H, W]``, intrinsics ``[1, S, 3, 3]``, cam_to_world ``[1, S, 4, 4]``."""
+        idx = torch.as_tensor(list(views), dtype=torch.long)
+        return self.images[idx][None], self.intrinsics[idx][None], self.cam_to_world[idx][None]
+
+    @torch.no_grad()
+    def compute_base(self, model, chunk: int = 8) -> torch.Tensor:
+        """Cache the frozen base model's features of every view (``model.forward_base``)."""
+        feats = [model.forward_base(self.images[i : i + chunk][None])[0] for i in range(0, len(self.images), chunk)]
+        self.base = torch.cat(feats)
+        return self.base
+
+    def correspondences(self, views: Sequence[int], max_per_pair: Optional[int] = None, seed: int = 0) -> Correspondences:
+        """Ground-truth correspondences of a view set in pixels of :attr:`size` (tracks, else depth)."""
+        views = list(views)
+        if self.scene.tracks is not None and len(self.scene.tracks):
+            corr = correspondences_from_tracks(self.scene, views, max_per_pair=max_per_pair, seed=seed)
+        elif self.scene.has_depth:
+            corr = correspondences_from_depth(self.scene, views, max_per_pair=max_per_pair, seed=seed)
+        else:
+            raise ValueError(
+                f"scene {self.name!r} has neither SfM tracks nor depth maps: no ground-truth correspondences "
+                "(add a COLMAP model with points3D beside transforms.json, or depth_file_path entries)"
+            )
+        return corr.scaled(self.scene, views, self.size)
+
+
+def prepare_scene(
+    scene: SceneLike, long_side: int, patch_size: int, holdout_every: int = 8,
+    heldout_views: Optional[Sequence[int]] = None,
+) -> SceneData:
+    """Load every view of ``scene`` at ~``long_side`` px and split it into train / held-out views.
+
+    Args:
+        scene: a :class:`PosedScene` or a scene folder (:func:`mvfm_nerfstudio.data.load_scene`).
+        long_side: target long image side in pixels (rounded to the patch size).
+        patch_size: the backbone's patch size.
+        holdout_every: every k-th view is held out (:func:`mvfm_nerfstudio.data.split_views`); 0 = none.
+        heldout_views: explicit held-out view indices (overrides ``holdout_every``).
+    """
+    from ..data import split_views
+
+    if not isinstance(scene, PosedScene):
+        scene = load_scene(scene)
+    sizes = [tuple(int(v) for v in s) for s in scene.image_sizes.tolist()]
+    common = max(set(sizes), key=sizes.count)
+    size = resolution_for(common, long_side, patch_size)
+    if heldout_views is not None:
+        held = sorted({int(i) for i in heldout_views})
+        train = [i for i in range(len(scene)) if i not in held]
+    elif holdout_every and holdout_every > 0:
+        train, held = (list(map(int, x)) for x in split_views(scene, holdout_every=holdout_every))
+    else:
+        train, held = list(range(len(scene))), []
+    if len(train) < 2:
+        raise ValueError(f"scene {scene.name!r}: only {len(train)} training views after the split; need >= 2")
+    batch = scene.load_views(range(len(scene)), size=size)
+    return SceneData(
+        scene=scene, size=size, images=batch.images, intrinsics=batch.intrinsics,
+        cam_to_world=batch.cam_to_world, train_views=train, heldout_views=held,
+    )
+
+
+def build_view_sets(
+    data: SceneData,
+    num_views: int,
+    num_sets: int,
+    min_shared: int,
+    seed: int,
+    candidates: Optional[Sequence[int]] = None,
+    must_include: Optional[Sequence[int]] = None,
+    max_per_pair: Optional[int] = None,
+) -> List[ViewSet]:
+    """Sample view sets (:func:`mvfm_nerfstudio.data.sample_view_sets`) with (lazily computed) correspondences."""
+    from ..data import sample_view_sets
+
+    sets = sample_view_sets(
+        data.scene, num_views=num_views, min_shared=min_shared, num_sets=num_sets, seed=seed,
+        candidates=None if candidates is None else list(candidates),
+        must_include=None if must_include is None else list(must_include),
+    )
+    return [
+        ViewSet(tuple(int(v) for v in s), partial(data.correspondences, tuple(s), max_per_pair, seed + k))
+        for k, s in enumerate(sets)
+    ]
+
+
+def heldout_view_sets(
+    data: SceneData, num_views: int, num_sets: int, min_shared: int, seed: int, max_per_pair: Optional[int] = None
+) -> List[ViewSet]:
+    """Evaluation sets: each contains at least one held-out view (placed first); the others may be any view.
+
+    Sets are spread evenly over the held-out views (round-robin).
+
+    Raises:
+        ValueError: the scene has no held-out views.
+    """
+    if not data.heldout_views:
+        raise ValueError(f"scene {data.name!r} has no held-out views; set holdout_every > 0")
+    per_view = math.ceil(num_sets / len(data.heldout_views))
+    groups = [
+        build_view_sets(data, num_views, per_view, min_shared, seed + 101 * k, must_include=[h], max_per_pair=max_per_pair)
+        for k, h in enumerate(data.heldout_views)
+    ]
+    interleaved = [g[i] for i in range(per_view) for g in groups if i < len(g)]
+    return interleaved[:num_sets]

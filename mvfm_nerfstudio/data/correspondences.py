@@ -178,11 +178,10 @@ def correspondences_from_tracks(
         return Correspondences.empty(vidx)
     obs_pos = pos[t.image_ids[sel]]
     obs_pid = t.point_ids[sel]
-    xy = t.xy[sel].double().clone()
-    for p, i in enumerate(idx):
-        m = obs_pos == p
-        if scene.distortion is not None and m.any():
-            xy[m] = undistort_pixels(xy[m], scene.intrinsics[i], scene.distortion[i])
+    xy = t.xy[sel].double()
+    if scene.distortion is not None:
+        views = t.image_ids[sel]
+        xy = undistort_pixels(xy, scene.intrinsics[views], scene.distortion[views])
     # one observation per (point, view): the first one
     uniq_pid, compact = torch.unique(obs_pid, return_inverse=True)
     key = (compact * s + obs_pos).numpy()

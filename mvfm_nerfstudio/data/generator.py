@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from ..geometry.cameras import camera_rays, opencv_to_opengl
-from .scene import SceneError
+from .scene import SceneError, single_threaded
 
 __all__ = [
     "SceneGeneratorConfig",
@@ -469,8 +469,13 @@ def render_view(
         ``depth [H, W]`` z-depth at the pixel centre (inf where no surface), ``ids [H, W]``
         long object id at the pixel centre (0 = sky), ``points [H, W, 3]`` world hit points.
     """
-    k = intrinsics.double()
-    c2w = cam_to_world.double()
+    with single_threaded():
+        return _render_view(scene, intrinsics.double(), cam_to_world.double(), height, width, supersample, chunk)
+
+
+def _render_view(
+    scene: ProceduralScene, k: torch.Tensor, c2w: torch.Tensor, height: int, width: int, supersample: int, chunk: int
+) -> Dict[str, torch.Tensor]:
     origins, dirs = camera_rays(k, c2w, height, width)
     o, d = origins.reshape(-1, 3), dirs.reshape(-1, 3)
     outs = [scene.shade(o[s:s + chunk], d[s:s + chunk]) for s in range(0, o.shape[0], chunk)]
@@ -592,7 +597,11 @@ def make_scene(config: SceneGeneratorConfig, output_dir: os.PathLike, progress: 
     never see a half-written scene. Raises :class:`SceneError` if ``output_dir`` exists and is
     not empty (unless ``config.overwrite``).
     """
-    output_dir = Path(output_dir)
+    with single_threaded():
+        return _make_scene(config, Path(output_dir), progress)
+
+
+def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) -> Path:
     if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
         raise SceneError(f"output folder {output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
     if config.supersample < 1:

@@ -247,7 +247,6 @@ def read_colmap_model(model_dir: PathLike) -> Dict[str, object]:
     if not images:
         raise SceneError(f"COLMAP model {model_dir} has no posed images (empty scene)")
     names, c2w, ks, dists, sizes = [], [], [], [], []
-    id_to_index = {}
     for i, im in enumerate(images):
         cam = rec.cameras[im.camera_id]
         k, d = _colmap_camera(cam, f"{model_dir} image {im.name}")
@@ -259,21 +258,22 @@ def read_colmap_model(model_dir: PathLike) -> Dict[str, object]:
         ks.append(k)
         dists.append(d)
         sizes.append([int(cam.height), int(cam.width)])
-        id_to_index[im.image_id] = i
 
+    # Observations per image (iterating images is much faster than looking up each track element).
+    pids, iids, xys, xyz = [], [], [], []
     point_index: Dict[int, int] = {}
-    xyz, pids, iids, xys = [], [], [], []
-    for pid in sorted(rec.points3D.keys()):
-        pt = rec.points3D[pid]
-        obs = [(e.image_id, e.point2D_idx) for e in pt.track.elements if e.image_id in id_to_index]
-        if not obs:
-            continue
-        point_index[pid] = len(xyz)
-        xyz.append(np.asarray(pt.xyz, dtype=np.float64))
-        for image_id, p2d in obs:
+    for i, im in enumerate(images):
+        obs = im.get_observation_points2D() if hasattr(im, "get_observation_points2D") else [
+            p for p in im.points2D if p.has_point3D()
+        ]
+        for p in obs:
+            pid = int(p.point3D_id)
+            if pid not in point_index:
+                point_index[pid] = len(xyz)
+                xyz.append(np.asarray(rec.points3D[pid].xyz, dtype=np.float64))
             pids.append(point_index[pid])
-            iids.append(id_to_index[image_id])
-            xys.append(np.asarray(rec.images[image_id].points2D[p2d].xy, dtype=np.float64))
+            iids.append(i)
+            xys.append(np.asarray(p.xy, dtype=np.float64))
     tracks = Tracks(
         point_ids=torch.tensor(pids, dtype=torch.long),
         image_ids=torch.tensor(iids, dtype=torch.long),

@@ -2,31 +2,39 @@
 
 from __future__ import annotations
 
+import math
 from typing import List, Literal, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
 from .correspondences import correspondences_from_depth
-from .scene import PosedScene, SceneError, _as_index_list
+from .scene import PosedScene, SceneError, _as_index_list, single_threaded
 
-__all__ = ["shared_counts", "sample_view_sets", "split_views"]
+__all__ = ["DEPTH_SAMPLES_PER_VIEW", "shared_counts", "sample_view_sets", "split_views"]
 
 Source = Literal["auto", "tracks", "depth"]
 
 
+DEPTH_SAMPLES_PER_VIEW = 2048
+
+
 def shared_counts(
-    scene: PosedScene, source: Source = "auto", depth_stride: int = 16, rel_depth_tol: float = 0.02
+    scene: PosedScene, source: Source = "auto", depth_stride: Optional[int] = None, rel_depth_tol: float = 0.02
 ) -> torch.Tensor:
     """``[N, N]`` long symmetric matrix: how many correspondences each pair of views shares.
 
     ``tracks``: number of 3D points observed in both views. ``depth``: number of depth
-    correspondences at ``depth_stride`` (see :func:`correspondences_from_depth`), the smaller of
-    the two directions. ``auto`` uses tracks when present, else depth. Cached on the scene.
+    correspondences (see :func:`correspondences_from_depth`) at ``depth_stride`` (default: about
+    :data:`DEPTH_SAMPLES_PER_VIEW` source pixels per view, whatever the image size), the smaller
+    of the two directions. ``auto`` uses tracks when present, else depth. Cached on the scene.
     The diagonal is 0.
     """
     if source == "auto":
         source = "tracks" if scene.tracks is not None else "depth"
+    if depth_stride is None:
+        pixels = float(scene.image_sizes.prod(-1).double().median())
+        depth_stride = max(1, int(round(math.sqrt(pixels / DEPTH_SAMPLES_PER_VIEW))))
     key = f"shared_counts/{source}/{depth_stride}/{rel_depth_tol}"
     cached = scene._cache.get(key)
     if cached is not None:
@@ -42,7 +50,8 @@ def shared_counts(
                 f"scene {scene.name!r} has neither tracks nor depth maps, so shared correspondences cannot be "
                 "counted; pass min_shared=0 to sample view sets without that constraint"
             )
-        corr = correspondences_from_depth(scene, list(range(n)), stride=depth_stride, rel_depth_tol=rel_depth_tol)
+        with single_threaded():
+            corr = correspondences_from_depth(scene, list(range(n)), stride=depth_stride, rel_depth_tol=rel_depth_tol)
         directed = corr.pair_counts(n)
         counts = torch.minimum(directed, directed.T)
     else:

@@ -18,6 +18,7 @@ Conventions (same as :mod:`mvfm_nerfstudio.geometry.cameras`):
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +42,7 @@ __all__ = [
     "read_image_size",
     "read_depth_file",
     "read_label_file",
+    "single_threaded",
 ]
 
 Size = Tuple[int, int]
@@ -49,6 +51,22 @@ IndexLike = Union[Sequence[int], torch.Tensor, np.ndarray]
 
 class SceneError(ValueError):
     """Raised for invalid scenes: missing/corrupt files, bad poses, mismatched sizes, too few views."""
+
+
+@contextlib.contextmanager
+def single_threaded():
+    """Run torch ops single-threaded inside the block (restores the thread count afterwards).
+
+    The data layer's work is many small elementwise ops, which gain nothing from intra-op
+    threads; on shared CPUs a 2-thread pool made them up to ~10x slower (threads waiting for
+    each other while descheduled), so batch jobs (scene rendering, covisibility) use one thread.
+    """
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 # --------------------------------------------------------------------------------------------
@@ -95,13 +113,14 @@ def undistort_normalized(xy_d: torch.Tensor, dist: torch.Tensor, iters: int = 20
         dr = 2 * (k1 + 2 * k2 * r2)  # d radial / d(x or y) divided by the coordinate
         j00 = radial + x * x * dr + 2 * p1 * y + 6 * p2 * x
         j01 = x * y * dr + 2 * p1 * x + 2 * p2 * y
-        j10 = x * y * dr + 2 * p1 * x + 2 * p2 * y
         j11 = radial + y * y * dr + 6 * p1 * y + 2 * p2 * x
         res = distort_normalized(xy, d) - target
-        det = j00 * j11 - j01 * j10
+        if float(res.abs().max()) < 1e-13:
+            break
+        det = j00 * j11 - j01 * j01  # the Jacobian is symmetric
         det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
         dx = (j11 * res[..., 0] - j01 * res[..., 1]) / det
-        dy = (-j10 * res[..., 0] + j00 * res[..., 1]) / det
+        dy = (-j01 * res[..., 0] + j00 * res[..., 1]) / det
         xy = xy - torch.stack([dx, dy], dim=-1)
     return xy.to(dtype)
 
@@ -113,14 +132,15 @@ def _has_distortion(dist: Optional[torch.Tensor]) -> bool:
 def undistort_pixels(xy: torch.Tensor, intrinsics: torch.Tensor, dist: Optional[torch.Tensor]) -> torch.Tensor:
     """Map pixel coordinates of a distorted image ``[..., 2]`` to the undistorted pinhole image.
 
-    The undistorted image uses the same ``intrinsics`` ``[3, 3]`` (see module docstring).
-    Returns the input unchanged (as float64) when ``dist`` is None or all zeros.
+    ``intrinsics`` is ``[3, 3]`` or per point ``[..., 3, 3]``; ``dist`` ``[4]`` or ``[..., 4]``.
+    The undistorted image uses the same intrinsics (see module docstring). Returns the input
+    unchanged (as float64) when ``dist`` is None or all zeros.
     """
     xy = xy.double()
     if not _has_distortion(dist):
         return xy
     k = intrinsics.double()
-    fx, fy, cx, cy, s = k[0, 0], k[1, 1], k[0, 2], k[1, 2], k[0, 1]
+    fx, fy, cx, cy, s = k[..., 0, 0], k[..., 1, 1], k[..., 0, 2], k[..., 1, 2], k[..., 0, 1]
     yn = (xy[..., 1] - cy) / fy
     xn = (xy[..., 0] - cx - s * yn) / fx
     und = undistort_normalized(torch.stack([xn, yn], dim=-1), dist)
@@ -356,7 +376,7 @@ class PosedScene:
     object_id_paths: Optional[List[Path]] = None
     tracks: Optional[Tracks] = None
     frame_names: Optional[List[str]] = None
-    _cache: Dict[str, object] = field(default_factory=dict, repr=False, compare=False)
+    _cache: Dict[object, object] = field(default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         self.root = Path(self.root)
@@ -390,16 +410,23 @@ class PosedScene:
                 setattr(self, key, [Path(p) for p in paths])
         if not (math.isfinite(self.depth_scale) and self.depth_scale > 0):
             raise SceneError(f"scene {self.name!r}: depth_scale must be a positive number, got {self.depth_scale}")
-        for i in range(n):
-            frame = f"pose of frame {i} ({self.frame_names[i]}) in scene {self.name!r}"
-            try:
-                validate_cam_to_world(self.cam_to_world[i], name=frame)
-                validate_intrinsics(self.intrinsics[i], name=f"intrinsics of frame {i} ({self.frame_names[i]})")
-            except CameraError as err:
-                raise SceneError(str(err)) from None
-            h, w = (int(v) for v in self.image_sizes[i])
-            if h <= 0 or w <= 0:
-                raise SceneError(f"frame {i} ({self.frame_names[i]}) has invalid image size {h}x{w}")
+        try:  # all at once; only on failure look for the frame to name
+            validate_cam_to_world(self.cam_to_world)
+            validate_intrinsics(self.intrinsics)
+            sizes_ok = bool((self.image_sizes > 0).all())
+        except CameraError:
+            sizes_ok = False
+        if not sizes_ok:
+            for i in range(n):
+                frame = f"frame {i} ({self.frame_names[i]}) in scene {self.name!r}"
+                try:
+                    validate_cam_to_world(self.cam_to_world[i], name=f"pose of {frame}")
+                    validate_intrinsics(self.intrinsics[i], name=f"intrinsics of {frame}")
+                except CameraError as err:
+                    raise SceneError(str(err)) from None
+                h, w = (int(v) for v in self.image_sizes[i])
+                if h <= 0 or w <= 0:
+                    raise SceneError(f"{frame} has invalid image size {h}x{w}")
         # Poses from text files are only approximately orthonormal (7-Scenes: |R^T R - I| ~ 5e-4);
         # snap them onto SO(3) once validated so every consumer sees rigid transforms.
         u, _, vh = torch.linalg.svd(self.cam_to_world[:, :3, :3])
@@ -505,7 +532,8 @@ class PosedScene:
         if self.distortion is None or not _has_distortion(self.distortion[i]):
             return x
         h, w = x.shape[-2:]
-        key = f"undistort_grid_{i}"
+        # keyed by the camera, not the view: views usually share one camera, so it is built once
+        key = ("undistort_grid", tuple(self.intrinsics[i].flatten().tolist()), tuple(self.distortion[i].tolist()), h, w)
         grid = self._cache.get(key)
         if grid is None:
             grid = _undistort_grid(self.intrinsics[i], self.distortion[i], h, w)

@@ -93,7 +93,8 @@ def test_nerfstudio_dataparser_reads_generated_scene():
     assert len(outputs.image_filenames) >= 7
     assert outputs.mask_filenames is None
     assert len(outputs.metadata["depth_filenames"]) == len(outputs.image_filenames)
-    assert outputs.metadata["depth_unit_scale_factor"] == pytest.approx(1e-3)  # nerfstudio's own config default
+    # nerfstudio takes the factor from its config (default 1e-3), not the file: ours must match it
+    assert outputs.metadata["depth_unit_scale_factor"] == pytest.approx(tiny_config().depth_unit_scale_factor)
     assert int(outputs.cameras.width[0]) == 128 and int(outputs.cameras.height[0]) == 96
     assert float(outputs.cameras.fx[0]) == pytest.approx(float(load_scene(root).intrinsics[0, 0, 0]))
 

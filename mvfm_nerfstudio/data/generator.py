@@ -102,8 +102,9 @@ class SceneGeneratorConfig:
     supersample: int = 3
     """Anti-aliasing: pixels on object boundaries get supersample x supersample colour samples
     (1 = off); depth and object ids always come from the pixel centre."""
-    depth_unit_scale_factor: float = 2e-4
-    """Metres per raw 16-bit depth unit (2e-4: 0.2 mm steps, up to 13.1 m)."""
+    depth_unit_scale_factor: float = 1e-3
+    """Metres per raw 16-bit depth unit (1e-3: millimetres up to 65.5 m, Nerfstudio's default, which its
+    dataparser applies regardless of the value written to transforms.json)."""
     write_colmap: bool = True
     """Also write a COLMAP model (sparse/0) whose tracks are exact projections of surface points."""
     colmap_points_per_view: int = 150

@@ -37,7 +37,7 @@ import shutil
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import torch
@@ -214,7 +214,7 @@ class Texture:
             col = torch.where(grout.unsqueeze(-1), pal[3] * 0.5, pal[pick.clamp(max=2)])
         else:
             raise ValueError(f"unknown texture pattern {self.pattern!r}")
-        return (col * (0.7 + 0.6 * (detail.unsqueeze(-1) - 0.5) * 2 * 0.5)).clamp(0, 1)
+        return (col * (0.7 + 0.6 * (detail.unsqueeze(-1) - 0.5))).clamp(0, 1)
 
 
 def _random_texture(rng: np.random.Generator, pattern: str, hue: float) -> Texture:
@@ -541,8 +541,7 @@ def _colmap_tracks(
         if len(valid) == 0:
             continue
         pick = rng.choice(valid, size=min(per_view, len(valid)), replace=False)
-        # random sub-pixel position: exact point on the surface via the centre ray's hit is at the
-        # pixel centre, which keeps the point exactly on the rendered geometry
+        # the exact surface points under the chosen pixel centres
         points.append((r["points"].reshape(-1, 3)[torch.from_numpy(pick)], r["rgb"].reshape(-1, 3)[torch.from_numpy(pick)]))
     if not points:
         return []
@@ -659,7 +658,7 @@ def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) 
             # the COLMAP model (if any) is in this same world frame
             "applied_transform": [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]],
             "frames": frames,
-            "mvfm_generator": {"version": GENERATOR_VERSION, "config": _jsonable(asdict(config)),
+            "mvfm_generator": {"version": GENERATOR_VERSION, "config": asdict(config),
                                "depth": "z-depth in the OpenCV camera frame (metres = raw * depth_unit_scale_factor)"},
         }
         (tmp / "transforms.json").write_text(json.dumps(transforms, indent=1))
@@ -679,10 +678,3 @@ def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) 
             shutil.rmtree(tmp, ignore_errors=True)
     return output_dir
 
-
-def _jsonable(d):
-    if isinstance(d, dict):
-        return {k: _jsonable(v) for k, v in d.items()}
-    if isinstance(d, (list, tuple)):
-        return [_jsonable(v) for v in d]
-    return d

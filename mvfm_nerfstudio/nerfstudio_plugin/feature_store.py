@@ -116,8 +116,9 @@ class FeatureStoreConfig:
     available, else its depth maps), reusing mvfm_nerfstudio.training."""
     adapt_steps: int = 100
     """Optimisation steps of per-scene adaptation."""
-    adapt_lr: float = 1e-4
-    """Learning rate of per-scene adaptation."""
+    adapt_lr: float = 5e-4
+    """Peak learning rate of per-scene adaptation (AdamW; other settings from the training preset
+    'scene-adapt-cpu')."""
 
     def key_fields(self) -> Dict[str, object]:
         """The options that change the features (device, cache_dir and batching do not)."""
@@ -364,18 +365,33 @@ class FeatureStore:
             )
         return model.to(self.device).eval()
 
-    def _adapt(self, model):
-        # TODO(plugin): per-scene adaptation. Integrate mvfm_nerfstudio.training's per-scene adaptation
-        # function (SfM tracks when the scene has them, else depth) once it lands; the option, its cache
-        # key and this hook are in place.
-        try:
-            from ..training import adapt_to_scene  # noqa: F401
-        except ImportError as err:
-            raise NotImplementedError(
-                "per-scene adaptation (adapt=True) needs mvfm_nerfstudio.training.adapt_to_scene, which is not "
-                "available in this installation; run without --pipeline.datamanager.features.adapt"
-            ) from err
-        raise NotImplementedError("per-scene adaptation is not wired into the feature store yet")
+    def _adapt(self, model, work: Path, image_long_side: int):
+        """Per-scene adaptation of ``model``'s adapters in place (mvfm_nerfstudio.training.adapt_to_scene).
+
+        Trains on the scene folder's own views and correspondences (SfM tracks when the folder has a
+        COLMAP model, else depth maps), at the feature store's input resolution and set size.
+        Returns the model and the adapter checkpoint it wrote.
+        """
+        from ..training import adapt_to_scene
+
+        c, root = self.config, self.views.scene_root
+        if root is None:
+            raise ValueError("per-scene adaptation (adapt=True) needs the scene directory (ViewSource.scene_root)")
+        ckpt = adapt_to_scene(
+            str(root),
+            model=model,
+            steps=c.adapt_steps,
+            output_dir=work / "adapt",
+            lr=c.adapt_lr,
+            weights=c.weights,
+            model_seed=c.seed,
+            seed=c.seed,
+            image_size=image_long_side,
+            num_views=c.views_per_set,
+            device=self.device.type,
+            tensorboard=False,
+        )
+        return model.eval(), Path(ckpt)
 
     def _input_size(self, patch: int) -> Tuple[int, int]:
         h, w = self.grid
@@ -407,8 +423,6 @@ class FeatureStore:
         c, v = self.config, self.views
         n, (h, w) = len(v), self.grid
         model = self._build_model()
-        if c.adapt:
-            model = self._adapt(model)
         size = self._input_size(model.patch_size)
         c2w = v.cam_to_world.double()
         sets = group_views(c2w, c.views_per_set, c.view_grouping) if c.multi_view else [(i,) for i in range(n)]
@@ -418,6 +432,9 @@ class FeatureStore:
         work.mkdir(parents=True)
         columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
         try:
+            adapted = None
+            if c.adapt:
+                model, adapted = self._adapt(model, work, max(size))
             # Resized inputs and float32 sums live in memory-mapped scratch files: RAM stays bounded.
             images = np.lib.format.open_memmap(work / "images.npy", "w+", np.uint8, (n, 3, *size))
             intr = torch.empty(n, 3, 3)
@@ -461,6 +478,9 @@ class FeatureStore:
                 display = fit_pca(self._sample_rows(out_arr), 3, seed=c.seed)
                 del out_arr
             self._write_bases(path, display, reduction)
+            if adapted is not None:
+                with atomic_path(path / "adapters.safetensors") as tmp:
+                    shutil.copyfile(adapted, tmp)
             meta = {
                 "key": self.cache_key(),
                 "format": CACHE_FORMAT_VERSION,

@@ -417,10 +417,15 @@ def load_scene(
         raise SceneError(f"scene path {path} does not exist")
     if path.suffix == ".json" or (path / "transforms.json").is_file():
         scene = read_nerfstudio_scene(path, check_files=check_files, name=name)
-        if tracks is not False:
-            model_dir = find_colmap_model(scene.root) if tracks is True else Path(tracks)
+        if tracks is True:
+            model_dir = find_colmap_model(scene.root)
             if model_dir is not None:
-                attach_colmap_tracks(scene, model_dir)
+                try:
+                    attach_colmap_tracks(scene, model_dir)
+                except SceneError as err:  # an auto-detected model must not make the scene unloadable
+                    warnings.warn(f"ignoring the COLMAP model found beside {scene.root}: {err}")
+        elif tracks is not False:
+            attach_colmap_tracks(scene, Path(tracks))
         return scene
     model_dir = find_colmap_model(path)
     if model_dir is not None:

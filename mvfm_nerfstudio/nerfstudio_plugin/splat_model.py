@@ -1,0 +1,366 @@
+"""``mvfm-splat``: splatfacto + a per-Gaussian latent feature distilled from cached MVFM features.
+
+Design:
+
+* Every Gaussian carries a ``latent_dim``-dim latent (``gauss_params["latents"]``, its own
+  optimiser group). Because it lives in ``gauss_params``, gsplat's densification strategy
+  (clone / split / prune / reset; it iterates over that dict and the optimisers of the same
+  names) carries it along like any other Gaussian attribute, and splatfacto's
+  ``load_state_dict`` resizes it with the others.
+* **One pass**: RGB (from the spherical harmonics, evaluated per Gaussian), the latents and,
+  when needed, depth are concatenated as channels and composited together by
+  :func:`~mvfm_nerfstudio.nerfstudio_plugin.rasterize.rasterize` (gsplat's CUDA rasteriser
+  with a GPU, our PyTorch tile compositor on CPU).
+* **Decoder per pixel, after rasterising**: a small MLP maps the composited latent (divided
+  by the accumulation, so partially transparent pixels still match their target; the same
+  normalisation as the ``mvfm-features`` NeRF) to the cached feature dimension ``D``. The
+  compositing cost grows with the channel count, so compositing ``latent_dim`` (16) instead
+  of ``D`` (64-384) channels is several times cheaper, and decoding costs ``H x W`` MLP
+  evaluations instead of one per Gaussian (usually many more Gaussians than pixels at
+  CPU render sizes). The price: the rendered feature is a non-linear function of the
+  composited latents instead of a composite of per-Gaussian features (identical for a
+  linear decoder, ``decoder_hidden_dim=0``).
+* Feature loss (``feature_loss``: mse / cosine / both, as ``mvfm-features``) against the
+  datamanager's ``data["feature"]`` ``[h, w, D]``; ``feature_loss_resolution="render"``
+  upsamples the cached map to the render (bilinear, ``align_corners=False``: cell
+  ``(i, j)`` centred at pixel ``((j + 0.5) W / w, (i + 0.5) H / h)``), ``"grid"`` instead
+  resamples the rendered map to the feature grid (antialiased bilinear, the same
+  pixel-centre mapping). The feature loss also moves the geometry (one pass).
+* CPU: no ``.cuda()`` anywhere (splatfacto's seeded initialisation and ``get_outputs`` have
+  one); cameras go from Nerfstudio's OpenGL camera-to-world to the rasteriser's OpenCV
+  world-to-camera with :func:`mvfm_nerfstudio.geometry.opengl_to_opencv`; LPIPS is a lazy
+  stand-in (``compute_lpips``), never downloading AlexNet unless asked.
+* Outputs: ``rgb``, ``depth``, ``accumulation``, ``background``, ``feature`` ``[H, W, D]``,
+  ``feature_pca`` (fixed basis from the feature cache, saved in the checkpoint) and, with a
+  query set, ``similarity``/``segmentation``. :meth:`MVFMSplatModel.feature_at_ray` renders
+  one ray's feature (click-to-query).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Literal, Optional, Tuple, Type, Union
+
+import torch
+import torch.nn.functional as F
+from nerfstudio.cameras.cameras import Cameras
+from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, num_sh_bases, random_quat_tensor
+from torch import Tensor, nn
+from torch.nn import Parameter
+
+from ..features import FeatureDisplay, PCABasis
+from ..geometry.cameras import opengl_to_opencv, to_homogeneous
+from .datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
+from .feature_store import resize_feature_map
+from .features_model import _lazy_lpips, feature_loss
+from .rasterize import rasterize, sh_colors
+from .viewer_panels import FeaturePanels
+
+__all__ = ["MVFMSplatModelConfig", "MVFMSplatModel", "world_to_camera_opencv", "resample_to_grid"]
+
+
+def world_to_camera_opencv(cam_to_world_opengl: Tensor) -> Tensor:
+    """Nerfstudio (OpenGL) camera-to-world ``[3|4, 4]`` -> OpenCV world-to-camera ``[4, 4]`` (differentiable)."""
+    c2w = opengl_to_opencv(to_homogeneous(cam_to_world_opengl))
+    rot_t = c2w[:3, :3].T
+    top = torch.cat([rot_t, -rot_t @ c2w[:3, 3:4]], dim=1)
+    return torch.cat([top, c2w.new_tensor([[0.0, 0.0, 0.0, 1.0]])], dim=0)
+
+
+def resample_to_grid(feature: Tensor, grid: Tuple[int, int]) -> Tensor:
+    """Resample a rendered ``[H, W, D]`` map to the ``(h, w)`` feature grid -> ``[h, w, D]``.
+
+    Bilinear with ``align_corners=False`` and antialiasing (a triangle filter as wide as a
+    cell when downsampling): cell ``(i, j)`` is centred at pixel ``((j + 0.5) W / w,
+    (i + 0.5) H / h)``, the feature cache's convention.
+    """
+    x = feature.permute(2, 0, 1)[None]
+    down = grid[0] < feature.shape[0] or grid[1] < feature.shape[1]
+    out = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False, antialias=down)
+    return out[0].permute(1, 2, 0)
+
+
+def _look_along(origin: Tensor, direction: Tensor) -> Tensor:
+    """OpenCV world-to-camera ``[4, 4]`` of a camera at ``origin`` looking along ``direction``."""
+    z = direction / direction.norm()
+    up = torch.tensor([0.0, 0.0, 1.0], device=z.device) if z[2].abs() < 0.9 else torch.tensor([0.0, 1.0, 0.0], device=z.device)
+    x = torch.linalg.cross(up, z)
+    x = x / x.norm()
+    y = torch.linalg.cross(z, x)
+    rot = torch.stack([x, y, z], dim=0)  # rows: camera axes in world coordinates = world-to-camera rotation
+    view = torch.eye(4, device=z.device)
+    view[:3, :3] = rot
+    view[:3, 3] = -rot @ origin
+    return view
+
+
+@dataclass
+class MVFMSplatModelConfig(SplatfactoModelConfig):
+    """splatfacto + per-Gaussian latent features decoded to MVFM features (see the module docstring)."""
+
+    _target: Type = field(default_factory=lambda: MVFMSplatModel)
+    latent_dim: int = 16
+    """Per-Gaussian latent feature channels (composited together with RGB)."""
+    decoder_hidden_dim: int = 64
+    """Hidden width of the per-pixel latent -> MVFM feature MLP; 0 = a linear decoder."""
+    latent_init_std: float = 0.1
+    """Standard deviation of the random initial latents."""
+    feature_loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
+    """Feature distillation loss: 'mse' (matches direction and magnitude of the PCA-centred cached features),
+    'cosine' (1 - cos, scale-free) or their sum."""
+    feature_loss_mult: float = 1.0
+    """Weight of the feature loss relative to splatfacto's RGB loss."""
+    feature_loss_resolution: Literal["render", "grid"] = "render"
+    """Where the feature loss is computed: 'render' (cached map upsampled to the render) or 'grid' (render resampled
+    to the cached feature grid)."""
+    rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
+    """Rasteriser backend: 'auto' (gsplat CUDA on a GPU, the PyTorch tile compositor on CPU), 'gsplat' or 'torch'."""
+    max_gaussians_per_pixel: Optional[int] = 64
+    """PyTorch rasteriser: composite each pixel's first K contributing Gaussians (None = all, exact)."""
+    max_gaussians_per_block: Optional[int] = None
+    """PyTorch rasteriser: consider only the front K Gaussians of each 8x8 block (None = all, exact; a cap bounds
+    the cost of crowded blocks)."""
+    segmentation_threshold: float = 0.7
+    """Initial cosine-similarity threshold of the 'segmentation' output."""
+    compute_lpips: bool = False
+    """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
+    ray_query_focal: float = 1000.0
+    """Focal length (pixels) of the small pinhole camera feature_at_ray renders: larger = a thinner ray."""
+
+
+class MVFMSplatModel(SplatfactoModel):
+    """Gaussian splatting with per-Gaussian latent features decoded to MVFM features (see the module docstring)."""
+
+    config: MVFMSplatModelConfig
+
+    def populate_modules(self):
+        c = self.config
+        if c.use_bilateral_grid:
+            raise ValueError("mvfm-splat does not support use_bilateral_grid (set --pipeline.model.use-bilateral-grid "
+                             "False)")
+        metadata = self.kwargs.get("metadata") or {}
+        if FEATURE_DIM_KEY not in metadata:
+            raise ValueError(
+                "the mvfm-splat model needs MVFM features: use the full-image MVFM datamanager "
+                "(mvfm_nerfstudio.nerfstudio_plugin.datamanager.MVFMFullImageDatamanagerConfig), which puts "
+                f"{FEATURE_DIM_KEY!r} into the training dataset metadata"
+            )
+        seed = self.seed_points
+        # splatfacto's seeded initialisation calls .cuda(): let it initialise randomly, then re-seed on any device
+        self.seed_points = None
+        with _lazy_lpips(c.compute_lpips):
+            super().populate_modules()
+        self.seed_points = seed
+        if seed is not None and not c.random_init and len(seed[0]) >= 4:
+            self._init_gaussians(seed[0].float(), seed[1].float() / 255.0 if len(seed[1]) else None)
+        n = self.num_points
+        self.gauss_params["latents"] = Parameter(torch.randn(n, c.latent_dim) * c.latent_init_std)
+
+        dim = int(metadata[FEATURE_DIM_KEY])
+        if c.decoder_hidden_dim > 0:
+            self.feature_decoder = nn.Sequential(
+                nn.Linear(c.latent_dim, c.decoder_hidden_dim), nn.ReLU(), nn.Linear(c.decoder_hidden_dim, dim)
+            )
+        else:
+            self.feature_decoder = nn.Linear(c.latent_dim, dim)
+        self.feature_display = FeatureDisplay(dim, threshold=c.segmentation_threshold)
+        if metadata.get(DISPLAY_BASIS_KEY) is not None:
+            self.feature_display.set_basis(PCABasis.from_state(metadata[DISPLAY_BASIS_KEY]))
+        self.feature_panels = FeaturePanels(self)  # viewer: PCA lock/refresh, click-to-query
+
+    def _init_gaussians(self, means: Tensor, rgb: Optional[Tensor]) -> None:
+        """(Re)initialise the Gaussians at ``means [N, 3]`` with colours ``rgb [N, 3]`` in [0, 1] (as splatfacto)."""
+        distances, _ = self.k_nearest_sklearn(means, 3)
+        scales = torch.log(torch.from_numpy(distances).mean(dim=-1, keepdim=True).clamp_min(1e-7).repeat(1, 3))
+        n, dim_sh = means.shape[0], num_sh_bases(self.config.sh_degree)
+        shs = torch.zeros(n, dim_sh, 3)
+        if rgb is not None:
+            shs[:, 0] = RGB2SH(rgb) if self.config.sh_degree > 0 else torch.logit(rgb, eps=1e-10)
+        else:
+            shs[:, 0] = torch.rand(n, 3)
+        params = {"means": means, "scales": scales, "quats": random_quat_tensor(n), "features_dc": shs[:, 0],
+                  "features_rest": shs[:, 1:], "opacities": torch.logit(0.1 * torch.ones(n, 1))}
+        for name, value in params.items():
+            self.gauss_params[name] = Parameter(value.contiguous())
+
+    # ------------------------------------------------------------------------------------------ parameters
+
+    @property
+    def latents(self) -> Tensor:
+        return self.gauss_params["latents"]
+
+    @property
+    def feature_dim(self) -> int:
+        return self.feature_display.feature_dim
+
+    def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_gaussian_param_groups()
+        groups["latents"] = [self.gauss_params["latents"]]
+        return groups
+
+    def get_param_groups(self) -> Dict[str, List[Parameter]]:
+        groups = super().get_param_groups()
+        groups["feature_decoder"] = list(self.feature_decoder.parameters())
+        return groups
+
+    def set_query(self, query: Optional[Tensor]) -> None:
+        """Set (or clear with None) the ``[D]`` query feature behind the similarity/segmentation outputs."""
+        self.feature_display.set_query(query)
+
+    # ------------------------------------------------------------------------------------------ rendering
+
+    def _sh_degree(self) -> Optional[int]:
+        if self.config.sh_degree <= 0:
+            return None
+        return min(self.step // self.config.sh_degree_interval, self.config.sh_degree)
+
+    def _render(self, viewmat: Tensor, K: Tensor, width: int, height: int, render_depth: bool,
+                crop_ids: Optional[Tensor] = None) -> Tuple[Tensor, Tensor, Tensor, Optional[Tensor], Dict]:
+        """Composite RGB, latents (and depth) in one pass.
+
+        Returns:
+            ``rgb [H, W, 3]`` (no background), ``feature [H, W, D]``, ``alpha [H, W, 1]``,
+            ``depth [H, W, 1]`` or None, and the rasteriser's meta (densification info).
+        """
+        p = {k: (v if crop_ids is None else v[crop_ids]) for k, v in self.gauss_params.items()}
+        degree = self._sh_degree()
+        if degree is None:
+            colors = torch.sigmoid(p["features_dc"])
+        else:
+            sh = torch.cat([p["features_dc"][:, None], p["features_rest"]], dim=1)
+            colors = sh_colors(sh, p["means"], viewmat, degree)
+        channels = torch.cat([colors, p["latents"]], dim=-1)
+        render, alpha, meta = rasterize(
+            p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]).squeeze(-1), channels,
+            viewmat, K, width, height, near_plane=0.01, far_plane=1e10, antialiased=self.config.rasterize_mode ==
+            "antialiased", render_depth=render_depth, max_per_block=self.config.max_gaussians_per_block,
+            max_per_pixel=self.config.max_gaussians_per_pixel,
+            absgrad=self.strategy.absgrad and self.training, backend=self.config.rasterizer,
+        )
+        latent_end = 3 + self.config.latent_dim
+        latent = render[..., 3:latent_end] / alpha.clamp_min(1e-3)
+        feature = self.feature_decoder(latent)
+        depth = render[..., latent_end:] if render_depth else None
+        return render[..., :3], feature, alpha, depth, meta
+
+    def _camera_matrices(self, camera: Cameras) -> Tuple[Tensor, Tensor, int, int]:
+        """OpenCV world-to-camera ``[4, 4]``, intrinsics ``[3, 3]`` and size at the current downscale factor."""
+        if self.training:
+            if camera.shape[0] != 1:
+                raise ValueError(f"mvfm-splat trains on one camera at a time, got {camera.shape[0]}")
+            c2w = self.camera_optimizer.apply_to_camera(camera)[0]
+        else:
+            c2w = camera.camera_to_worlds.reshape(-1, 3, 4)[0]
+        d = self._get_downscale_factor()
+        K = camera.get_intrinsics_matrices().reshape(-1, 3, 3)[0].to(self.device).float()
+        K = torch.cat([K[:2] / d, K[2:]], dim=0)
+        width, height = int(camera.width.reshape(-1)[0]) // d, int(camera.height.reshape(-1)[0]) // d
+        return world_to_camera_opencv(c2w.to(self.device).float()), K, width, height
+
+    def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
+        """Render one camera: ``rgb``, ``depth``, ``accumulation``, ``background``, ``feature``, ``feature_pca``, ..."""
+        if not isinstance(camera, Cameras):
+            raise TypeError(f"mvfm-splat renders Cameras, got {type(camera).__name__}")
+        crop_ids = None
+        if self.crop_box is not None and not self.training:
+            crop_ids = self.crop_box.within(self.means).squeeze()
+            if crop_ids.sum() == 0:
+                empty = self.get_empty_outputs(int(camera.width.item()), int(camera.height.item()),
+                                               self.background_color.to(self.device))
+                empty["feature"] = self.feature_decoder(empty["rgb"].new_zeros(*empty["rgb"].shape[:2],
+                                                                               self.config.latent_dim))
+                empty.update(self.feature_display(empty["feature"]))
+                return empty
+        viewmat, K, width, height = self._camera_matrices(camera)
+        self.last_size = (height, width)
+        render_depth = self.config.output_depth_during_training or not self.training
+        rgb, feature, alpha, depth, self.info = self._render(viewmat, K, width, height, render_depth, crop_ids)
+        if self.training:
+            self.strategy.step_pre_backward(self.gauss_params, self.optimizers, self.strategy_state, self.step,
+                                            self.info)
+        background = self._get_background_color()
+        rgb = torch.clamp(rgb + (1 - alpha) * background, 0.0, 1.0)
+        if depth is not None:
+            depth = torch.where(alpha > 0, depth, depth.detach().max())
+        if not self.training:
+            background = background.expand(height, width, 3)
+        outputs = {"rgb": rgb, "depth": depth, "accumulation": alpha, "background": background, "feature": feature}
+        outputs.update(self.feature_display(feature))
+        return outputs  # type: ignore[return-value]
+
+    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, torch.Tensor]:
+        """Full-frame render; the viewer panels may refit the PCA colours to it and add ``segmentation_overlay``."""
+        return self.feature_panels.after_render(super().get_outputs_for_camera(camera, obb_box=obb_box))
+
+    @torch.no_grad()
+    def feature_at_ray(self, origin: Tensor, direction: Tensor, camera_index: int = 0,
+                       focal: Optional[float] = None) -> Tensor:
+        """Render the feature along one ray.
+
+        A ``15 x 15`` pinhole camera at ``origin`` looks along ``direction``; the centre pixel's
+        centre is the principal point, so its feature is the ray's. (A 1x1 image would do for
+        the pixel, but gsplat's projection clamps Jacobians to a margin around the image, which
+        distorts large Gaussians just outside a tiny field of view.)
+
+        Args:
+            origin: ``[3]`` ray origin in the model's world frame (Nerfstudio's dataparser-normalised
+                coordinates, the frame of ``Cameras.camera_to_worlds``).
+            direction: ``[3]`` ray direction (any length > 0).
+            camera_index: unused (kept for the same signature as the ``mvfm-features`` model).
+            focal: focal length in pixels (default ``config.ray_query_focal``); pass the viewer's
+                focal length to get exactly the feature the viewer renders at the clicked pixel.
+
+        Returns:
+            ``[D]`` feature (float32, on the model's device).
+        """
+        origin = torch.as_tensor(origin, dtype=torch.float32, device=self.device).reshape(3)
+        direction = torch.as_tensor(direction, dtype=torch.float32, device=self.device).reshape(3)
+        norm = direction.norm()
+        if not torch.isfinite(norm) or norm <= 0 or not torch.isfinite(origin).all():
+            raise ValueError(f"feature_at_ray needs a finite origin and a non-zero direction, got {origin}, {direction}")
+        f = float(self.config.ray_query_focal if focal is None else focal)
+        size = 15
+        K = torch.tensor([[f, 0.0, size / 2], [0.0, f, size / 2], [0.0, 0.0, 1.0]], device=self.device)
+        was_training = self.training
+        self.eval()
+        try:
+            _, feature, _, _, _ = self._render(_look_along(origin, direction), K, size, size, render_depth=False)
+        finally:
+            self.train(was_training)
+        return feature[size // 2, size // 2]
+
+    # ------------------------------------------------------------------------------------------ losses
+
+    def _feature_pair(self, outputs: Dict, batch: Dict) -> Tuple[Tensor, Tensor]:
+        """Rendered and target feature maps at the loss resolution (both ``[h', w', D]``)."""
+        pred = outputs["feature"]
+        target = batch["feature"].to(pred)
+        if target.ndim != 3 or target.shape[-1] != pred.shape[-1]:
+            raise ValueError(f"batch['feature'] must be [h, w, {pred.shape[-1]}], got {list(target.shape)}")
+        if self.config.feature_loss_resolution == "grid":
+            return resample_to_grid(pred, tuple(target.shape[:2])), target
+        return pred, resize_feature_map(target, tuple(pred.shape[:2]))
+
+    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
+        metrics = super().get_metrics_dict(outputs, batch)
+        if "feature" in batch:
+            with torch.no_grad():
+                pred, target = self._feature_pair(outputs, batch)
+                metrics["feature_cosine"] = F.cosine_similarity(pred, target, dim=-1).mean()
+        return metrics
+
+    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
+        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
+        if "feature" in batch:
+            pred, target = self._feature_pair(outputs, batch)
+            loss_dict["feature_loss"] = self.config.feature_loss_mult * feature_loss(
+                pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]), self.config.feature_loss
+            )
+        return loss_dict
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)
+        if not self.config.compute_lpips:
+            metrics.pop("lpips", None)
+        images["feature_pca"] = outputs["feature_pca"]
+        return metrics, images

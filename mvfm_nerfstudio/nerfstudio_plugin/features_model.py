@@ -34,6 +34,7 @@ from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type
 
 import torch
 import torch.nn.functional as F
+from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.field_components.encodings import HashEncoding
@@ -45,6 +46,7 @@ from torch.nn import Parameter
 
 from ..features import FeatureDisplay, PCABasis
 from .datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
+from .viewer_panels import FeaturePanels
 
 __all__ = ["MVFMFeaturesModelConfig", "MVFMFeaturesModel", "FeatureField", "feature_loss"]
 
@@ -194,6 +196,7 @@ class MVFMFeaturesModel(NerfactoModel):
         if metadata.get(DISPLAY_BASIS_KEY) is not None:
             self.feature_display.set_basis(PCABasis.from_state(metadata[DISPLAY_BASIS_KEY]))
         self.renderer_expected_depth = _CapturingDepthRenderer(method="expected")
+        self.feature_panels = FeaturePanels(self)  # viewer: PCA lock/refresh, click-to-query
 
     @property
     def feature_dim(self) -> int:
@@ -224,6 +227,10 @@ class MVFMFeaturesModel(NerfactoModel):
         outputs["feature"] = feature
         outputs.update(self.feature_display(feature))
         return outputs
+
+    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, torch.Tensor]:
+        """Full-frame render; the viewer panels may refit the PCA colours to it and add ``segmentation_overlay``."""
+        return self.feature_panels.after_render(super().get_outputs_for_camera(camera, obb_box=obb_box))
 
     def get_metrics_dict(self, outputs, batch):
         metrics = super().get_metrics_dict(outputs, batch)

@@ -63,10 +63,9 @@ from nerfstudio.viewer.viewer_elements import (
 )
 from torch import nn
 
-__all__ = ["FeaturePanels", "OVERLAY_COLOR"]
+from ..segmentation import overlay_mask
 
-OVERLAY_COLOR = (1.0, 0.25, 0.1)
-"""RGB tint of the ``segmentation_overlay`` output."""
+__all__ = ["FeaturePanels"]
 
 
 class FeaturePanels(nn.Module):
@@ -150,9 +149,7 @@ class FeaturePanels(nn.Module):
             outputs["feature_pca"] = display.basis.to_rgb(feature.detach())
             self._refit_pending = False
         if "segmentation" in outputs and "rgb" in outputs:
-            a = self.overlay_alpha * outputs["segmentation"]
-            tint = outputs["rgb"].new_tensor(OVERLAY_COLOR)
-            outputs["segmentation_overlay"] = outputs["rgb"] * (1 - a) + tint * a
+            outputs["segmentation_overlay"] = overlay_mask(outputs["rgb"], outputs["segmentation"], self.overlay_alpha)
         return outputs
 
     # ------------------------------------------------------------------------------------ query

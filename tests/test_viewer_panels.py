@@ -126,7 +126,14 @@ def test_viewer_walk_finds_the_panels_without_looping(pipelines):
         assert controls == [pipe.model.feature_panels.viewer_control]
         # no parameters/buffers of their own: checkpoints are unchanged
         assert not any(k.startswith("feature_panels") for k in pipe.model.state_dict())
-        assert pipe.model.feature_panels.query_threshold.value == pytest.approx(pipe.model.feature_display.threshold)
+        panels = pipe.model.feature_panels
+        assert panels.query_threshold.value == pytest.approx(pipe.model.feature_display.threshold)
+        # a query that came with a checkpoint (buffers) shows in the status at the next render
+        assert panels.query_status.value == "none"
+        pipe.model.feature_display.set_query(torch.ones(pipe.model.feature_dim))
+        panels.after_render({})
+        assert panels.query_status.value == "set (from the checkpoint)"
+        panels.clear_query()
 
 
 @pytest.mark.parametrize("name", ["features", "splat"])
@@ -174,18 +181,15 @@ def test_threshold_slider_and_pca_lock_refresh(pipelines):
     r, c = _covered_pixel(model, cam)
     panels.on_click(_click_at(cam, r, c))
     slider = panels.query_threshold
+    before = display.pca_components.clone()
     for value in (0.95, 0.5):
         slider.value = value
         slider.cb_hook(slider)
         assert display.threshold == value
         with torch.no_grad():
-            out = model.get_outputs_for_camera(cam)
-        assert torch.equal(out["segmentation"], (out["similarity"] >= value).float())
-    assert float(out["segmentation"].mean()) > 0
-
-    before = display.pca_components.clone()
-    with torch.no_grad():
-        locked = model.get_outputs_for_camera(cam)
+            locked = model.get_outputs_for_camera(cam)
+        assert torch.equal(locked["segmentation"], (locked["similarity"] >= value).float())
+    assert float(locked["segmentation"].mean()) > 0
     assert torch.equal(display.pca_components, before)  # locked: renders never change the colours
     panels.pca_refresh.cb_hook(panels.pca_refresh)
     with torch.no_grad():

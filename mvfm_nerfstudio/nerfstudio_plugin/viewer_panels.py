@@ -99,8 +99,6 @@ class FeaturePanels(nn.Module):
             hint="'segmentation' = cosine similarity to the query >= this",
         )
         self.query_unset = ViewerButton("Clear query", cb_hook=lambda _: self.clear_query())
-        if bool(display.has_query):
-            self._set_status("set (from the checkpoint)")
 
     # ------------------------------------------------------------------------------------ helpers
 
@@ -148,6 +146,8 @@ class FeaturePanels(nn.Module):
             display.fit_basis(feature.detach())
             outputs["feature_pca"] = display.basis.to_rgb(feature.detach())
             self._refit_pending = False
+        if bool(display.has_query) and self.query_status.value == "none":  # loaded with a checkpoint
+            self._set_status("set (from the checkpoint)")
         if "segmentation" in outputs and "rgb" in outputs:
             outputs["segmentation_overlay"] = overlay_mask(outputs["rgb"], outputs["segmentation"], self.overlay_alpha)
         return outputs

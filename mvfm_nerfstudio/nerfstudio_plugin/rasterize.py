@@ -220,6 +220,37 @@ def _gaussian_alpha(pix: Tensor, means2d: Tensor, conics: Tensor, opacities: Ten
     return torch.where(keep, alpha, torch.zeros_like(alpha)), (dx, dy)
 
 
+def _candidates(pix: Tensor, pix_valid: Tensor, ids: Tensor, ids_c: Tensor, means2d: Tensor, conics: Tensor,
+                opacities: Tensor) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(block, pixel, slot) triples where a block's Gaussian may reach alpha >= 1/255 at a pixel.
+
+    ``opacity * exp(-sigma) >= 1/255`` <=> ``sigma <= ln(255 opacity)``: tested without ``exp``,
+    with a margin so the set is a superset of gsplat's (the compositing pass re-tests exactly).
+
+    Args:
+        pix: ``[b, P, 2]`` pixel centres; pix_valid: ``[b, P]``; ids: ``[b, K]`` (-1 = empty);
+        ids_c: ``ids`` clamped to >= 0.
+    Returns:
+        ``bi, pi, ki`` (row-major: grouped by pixel, front to back) and the Gaussian ids ``g``.
+    """
+    m = means2d[ids_c]  # [b, K, 2]
+    c = conics[ids_c]  # [b, K, 3]
+    limit = torch.where(ids >= 0, torch.log(255.0 * opacities[ids_c].clamp_min(1e-30)) + 1e-3,
+                        torch.full((), -1.0, device=ids.device))
+    dx = pix[..., 0:1] - m[:, None, :, 0]
+    dy = pix[..., 1:2] - m[:, None, :, 1]
+    sigma = 0.5 * (c[:, None, :, 0] * dx * dx + c[:, None, :, 2] * dy * dy) + c[:, None, :, 1] * dx * dy
+    keep = (sigma >= 0) & (sigma <= limit[:, None, :]) & pix_valid[..., None]
+    bi, pi, ki = torch.nonzero(keep, as_tuple=True)
+    return bi, pi, ki, ids_c[bi, ki]
+
+
+def _alpha_at(pix: Tensor, means2d: Tensor, conics: Tensor, opacities: Tensor) -> Tensor:
+    """Alpha (gsplat's formula, 0 where skipped) of single (pixel ``[M, 2]``, Gaussian) pairs -> ``[M]``."""
+    alpha, _ = _gaussian_alpha(pix[:, None], means2d[:, None], conics[:, None], opacities[:, None])
+    return alpha[:, 0, 0]
+
+
 def _composite_weights(alpha: Tensor) -> Tuple[Tensor, Tensor]:
     """Front-to-back compositing weights with gsplat's early stop.
 
@@ -412,23 +443,35 @@ def composite_tiles(
         while start < active.numel():
             k_chunk = int(kept_counts[active[start]])
             blocks = active[start:start + max(1, chunk_elements // (n_pix * k_chunk))]
+            blocks = blocks[kept_counts[blocks] * 2 > k_chunk]  # at most 2x padding (counts are sorted)
             start += blocks.numel()
             ids = table[blocks, :k_chunk]  # [b, K]
             ids_c = ids.clamp_min(0)
-            opac = torch.where(ids >= 0, proj.opacities[ids_c], torch.zeros((), device=device))
-            alpha, _ = _gaussian_alpha(block_pix[blocks], means2d[ids_c], proj.conics[ids_c], opac)
-            contrib = (alpha > 0) & (torch.cumprod(1.0 - alpha, dim=-1) > T_MIN)  # [b, P, K]
-            contrib &= (pix_flat[blocks] >= 0)[..., None]
-            rank = torch.cumsum(contrib, -1) - 1
-            max_count = max(max_count, int(rank[..., -1].max()) + 1)
+            pix = pix_flat[blocks]  # [b, P]
+            bi, pi, ki, g = _candidates(block_pix[blocks], pix >= 0, ids, ids_c, means2d, proj.conics, proj.opacities)
+            if bi.numel() == 0:
+                continue
+            # early stop: exclusive log-transmittance per (pixel, candidate), segments = pixels (entries are grouped
+            # by pixel, front to back); float64 sums and a small margin keep a superset of gsplat's list
+            alpha = _alpha_at(block_pix[blocks][bi, pi], means2d[g], proj.conics[g], proj.opacities[g])
+            log_keep = torch.log1p(-alpha.double())
+            csum = torch.cumsum(log_keep, 0)
+            new_seg = torch.ones_like(bi, dtype=torch.bool)
+            new_seg[1:] = (bi[1:] != bi[:-1]) | (pi[1:] != pi[:-1])
+            first = torch.nonzero(new_seg).squeeze(-1)
+            seg = torch.cumsum(new_seg, 0) - 1
+            log_after = csum - (csum[first] - log_keep[first])[seg]
+            contrib = log_after > math.log(T_MIN) - 1e-4
+            rank = torch.arange(bi.numel(), device=device) - first[seg]
+            if contrib.any():
+                max_count = max(max_count, int(rank[contrib].max()) + 1)
             if max_per_pixel is not None:
                 sel = contrib & (rank < max_per_pixel)
                 n_truncated_pixel += int(contrib.sum() - sel.sum())
                 contrib = sel
-            bi, pi, ki = torch.nonzero(contrib, as_tuple=True)
-            rows.append(pix_flat[blocks][bi, pi])
-            slots.append(rank[bi, pi, ki])
-            gids.append(ids_c[bi, ki])
+            rows.append(pix[bi[contrib], pi[contrib]])
+            slots.append(rank[contrib])
+            gids.append(g[contrib])
     k = max_count if max_per_pixel is None else max(1, min(int(max_per_pixel), max_count))
     n_ch = colors.shape[-1]
     render = colors.new_zeros(height * width, n_ch)
@@ -437,23 +480,31 @@ def composite_tiles(
         proj.means2d.absgrad = torch.zeros_like(proj.means2d.detach())
     if max_count > 0:
         rows_t, slots_t, gids_t = torch.cat(rows), torch.cat(slots), torch.cat(gids)
-        has = torch.zeros(height * width, dtype=torch.bool, device=device)
-        has[rows_t] = True
-        pix_ids = torch.nonzero(has).squeeze(-1)  # pixels with at least one contribution
-        row_of = (torch.cumsum(has, 0) - 1)[rows_t]
-        table_p = torch.full((pix_ids.numel(), k), -1, dtype=torch.long, device=device)
-        table_p[row_of, slots_t] = gids_t
-        pix_xy = torch.stack([pix_ids % width, pix_ids // width], -1).float()[:, None] + 0.5  # [p, 1, 2]
-        ids_c = table_p.clamp_min(0)
-        opac = torch.where(table_p >= 0, proj.opacities[ids_c], torch.zeros((), device=device, dtype=colors.dtype))
-        alpha, delta = _gaussian_alpha(pix_xy, means2d[ids_c], proj.conics[ids_c], opac)  # [p, 1, k]
-        if absgrad and delta[0].requires_grad:
-            for axis, d in enumerate(delta):
-                d.register_hook(_absgrad_hook(proj.means2d.absgrad[0, :, axis], ids_c.reshape(-1)))
-        weights, t = _composite_weights(alpha[:, 0])  # [p, k], [p, 1]
-        r = torch.bmm(weights[:, None], colors[ids_c])[:, 0]  # (faster here than embedding_bag / sparse mm)
-        render = render.index_copy(0, pix_ids, r)
-        trans = trans.index_copy(0, pix_ids, t)
+        count = torch.bincount(rows_t, minlength=height * width)
+        # pixels in buckets of similar list length (powers of two) so little work goes into padding
+        bucket = torch.ceil(torch.log2(count.clamp_min(1).float())).long()
+        pix_all, r_all, t_all = [], [], []
+        for b in torch.unique(bucket[count > 0]).tolist():
+            in_bucket = (bucket == b) & (count > 0)
+            pix_ids = torch.nonzero(in_bucket).squeeze(-1)
+            row_map = torch.cumsum(in_bucket, 0) - 1
+            entries = in_bucket[rows_t]
+            table_p = torch.full((pix_ids.numel(), min(k, 1 << b)), -1, dtype=torch.long, device=device)
+            table_p[row_map[rows_t[entries]], slots_t[entries]] = gids_t[entries]
+            pix_xy = torch.stack([pix_ids % width, pix_ids // width], -1).float()[:, None] + 0.5  # [p, 1, 2]
+            ids_c = table_p.clamp_min(0)
+            opac = torch.where(table_p >= 0, proj.opacities[ids_c], torch.zeros((), device=device, dtype=colors.dtype))
+            alpha, delta = _gaussian_alpha(pix_xy, means2d[ids_c], proj.conics[ids_c], opac)  # [p, 1, k]
+            if absgrad and delta[0].requires_grad:
+                for axis, d in enumerate(delta):
+                    d.register_hook(_absgrad_hook(proj.means2d.absgrad[0, :, axis], ids_c.reshape(-1)))
+            weights, t = _composite_weights(alpha[:, 0])  # [p, k], [p, 1]
+            pix_all.append(pix_ids)
+            r_all.append(torch.bmm(weights[:, None], colors[ids_c])[:, 0])  # (faster here than embedding_bag)
+            t_all.append(t)
+        pix_ids = torch.cat(pix_all)
+        render = render.index_copy(0, pix_ids, torch.cat(r_all))
+        trans = trans.index_copy(0, pix_ids, torch.cat(t_all))
     render, alpha = _finish(render, trans, background)
     stats = {"n_truncated_block": n_truncated, "max_per_block_count": int(counts.max()),
              "n_truncated_pixel": n_truncated_pixel, "max_per_pixel_count": max_count}

@@ -34,7 +34,7 @@ class DemoArgs:
     """Where the scene (if generated), the feature cache and the Nerfstudio run go."""
     scene: Optional[Path] = None
     """Scene folder (Nerfstudio transforms.json); None = <output_dir>/scene, generated if missing."""
-    iterations: int = 1000
+    iterations: int = 1200
     """Nerfstudio training iterations."""
     rays_per_batch: int = 512
     """Training rays per iteration."""
@@ -48,6 +48,9 @@ class DemoArgs:
     """Tiny 2-block backbone (with --weights random): a fast smoke test."""
     scene_views: int = 24
     """Views of the generated demo scene."""
+    num_threads: int = 1
+    """Torch CPU threads. One is the default: nerfacto on the CPU is many small operations, which a second thread
+    barely speeds up on an idle 2-core machine and slows down ~4x when other processes compete for the cores."""
 
 
 def _check_weights(args: DemoArgs) -> None:
@@ -108,11 +111,14 @@ def build_config(args: DemoArgs, scene: Path):
     f.cache_dir = args.output_dir / "feature_cache"
     m = config.pipeline.model
     if device == "cpu":
-        # ~0.35 s/iteration on 2 cores (nerfacto's defaults: several s/iteration)
-        m.num_nerf_samples_per_ray = 24
-        m.num_proposal_samples_per_ray = (48, 24)
-        m.num_levels, m.log2_hashmap_size, m.max_res = 10, 15, 512
-        m.feature_num_levels, m.feature_log2_hashmap_size = 8, 14
+        # ~0.3 CPU-s per iteration with one thread (nerfacto's defaults: several s per iteration): one proposal
+        # network, fewer samples, smaller hash grids
+        m.num_proposal_iterations = 1
+        m.num_proposal_samples_per_ray = (48,)
+        m.proposal_net_args_list = m.proposal_net_args_list[:1]
+        m.num_nerf_samples_per_ray = 16
+        m.num_levels, m.log2_hashmap_size, m.max_res = 8, 14, 256
+        m.feature_num_levels, m.feature_log2_hashmap_size = 6, 13
         m.eval_num_rays_per_chunk = 1 << 12
         config.viewer.num_rays_per_chunk = 1 << 12
     return config
@@ -121,6 +127,9 @@ def build_config(args: DemoArgs, scene: Path):
 def main(args: DemoArgs) -> Path:
     """Run the demo; returns the Nerfstudio ``config.yml`` of the trained run."""
     start = time.perf_counter()
+    import torch
+
+    torch.set_num_threads(args.num_threads)
     _check_weights(args)
     scene = _demo_scene(args)
     config = build_config(args, scene)
@@ -129,7 +138,6 @@ def main(args: DemoArgs) -> Path:
     import random
 
     import numpy as np
-    import torch
 
     seed = config.machine.seed
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)

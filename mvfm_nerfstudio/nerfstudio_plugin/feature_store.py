@@ -281,6 +281,8 @@ class FeatureStore:
         self.features: Optional[np.ndarray] = None
         self.display_basis: Optional[PCABasis] = None
         self.reduction_basis: Optional[PCABasis] = None
+        self._key: Optional[str] = None
+        self._ingredients: Dict[str, object] = {}
         h0, w0 = (int(x) for x in views.image_sizes[0])
         self.grid = feature_grid(h0, w0, config.feature_resolution)
 
@@ -303,8 +305,12 @@ class FeatureStore:
         }
 
     def cache_key(self) -> str:
-        blob = json.dumps(self.key_ingredients(), sort_keys=True, default=str).encode()
-        return hashlib.blake2b(blob, digest_size=10).hexdigest()
+        """Hash of :meth:`key_ingredients` (computed once per store: it reads every image file)."""
+        if self._key is None:
+            self._ingredients = self.key_ingredients()
+            blob = json.dumps(self._ingredients, sort_keys=True, default=str).encode()
+            self._key = hashlib.blake2b(blob, digest_size=10).hexdigest()
+        return self._key
 
     def entry_path(self) -> Path:
         root = Path(self.config.cache_dir).expanduser() if self.config.cache_dir else default_cache_dir()
@@ -491,7 +497,7 @@ class FeatureStore:
                 "mvfm_input_size": list(size),
                 "view_sets": [list(s) for s in sets],
                 "image_names": [Path(p).name for p in v.image_paths],
-                "ingredients": self.key_ingredients(),
+                "ingredients": self._ingredients,
             }
             atomic_write(path / "meta.json", json.dumps(meta, indent=1).encode())
         finally:

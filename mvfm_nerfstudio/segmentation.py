@@ -20,9 +20,8 @@ Pipeline (:func:`segment_scene`):
    cosine similarity clamped to [0, 1]), ``overview.png`` (thumbnails with the mask tinted
    and outlined, the query point marked), ``query_feature.safetensors`` and ``segment.json``.
 
-No Nerfstudio import here. The feature extraction is :class:`FeatureStore`, which lives in
-``nerfstudio_plugin/feature_store.py`` but imports no Nerfstudio code (nor does the plugin
-package's ``__init__``), so using it keeps this module Nerfstudio-free.
+No Nerfstudio import here: the feature extraction is the core's :class:`FeatureStore`
+(:mod:`mvfm_nerfstudio.feature_store`), shared with the Nerfstudio plugin.
 """
 
 from __future__ import annotations
@@ -38,7 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from .features import cosine_similarity
-from .nerfstudio_plugin.feature_store import FeatureStoreConfig  # no Nerfstudio import inside (see the docstring)
+from .feature_store import FeatureStoreConfig
 from .utils.io import atomic_path, atomic_write
 
 __all__ = [
@@ -452,7 +451,7 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
     from dataclasses import asdict, replace
 
     from .data import load_scene
-    from .nerfstudio_plugin.feature_store import FeatureStore, ViewSource
+    from .feature_store import FeatureStore, ViewSource
 
     fcfg = config.features
     by_pixel = config.query_view is not None or config.query_pixel is not None

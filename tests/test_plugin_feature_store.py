@@ -12,7 +12,7 @@ from PIL import Image
 
 from conftest import orbit_cameras, randomize_adapters
 from mvfm_nerfstudio import create_mvfm
-from mvfm_nerfstudio.nerfstudio_plugin.feature_store import (
+from mvfm_nerfstudio.feature_store import (
     FeatureStore,
     FeatureStoreConfig,
     ViewSource,

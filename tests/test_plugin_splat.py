@@ -110,26 +110,47 @@ def test_render_places_a_gaussian_where_the_camera_sees_it():
     assert abs(float(out["depth"][12, 16, 0]) - distance) < 1e-3
 
 
-def test_densification_carries_latents_and_optimizer_state():
-    model = make_model(warmup_length=0, refine_every=10, densify_grad_thresh=1e-12, use_absgrad=True)
+def densify_once(model, step=20, before_refine=None):
+    """One training step (the trainer's order: forward, backward, optimiser step, densification) with refinement
+    due at ``step``; ``before_refine()`` runs just before the densification. Returns the optimisers and camera."""
     model.train()
     opts = optimizers_for(model)
+    model.step_cb(opts, step)
+    cam = camera_at((2.5, 0.0, 0.5), width=32, height=24)
+    cam.metadata = {"cam_idx": 0}
+    out = model.get_outputs(cam)
+    (out["rgb"].mean() + out["feature"].pow(2).mean()).backward()
+    opts.optimizer_step_all()
+    if before_refine is not None:
+        before_refine()
+    model.step_post_backward(step)
+    return opts, cam
+
+
+def test_gaussian_cap_stops_growth_but_not_pruning():
+    model = make_model(warmup_length=0, refine_every=10, densify_grad_thresh=1e-12, max_num_gaussians=300,
+                       cull_alpha_thresh=0.01)
+    with torch.no_grad():
+        model.gauss_params["opacities"].data[:5] = -20.0
+    densify_once(model)
+    assert model.num_points == 295 and model.latents.shape[0] == 295
+    uncapped = make_model(warmup_length=0, refine_every=10, densify_grad_thresh=1e-12, max_num_gaussians_cpu=None,
+                          cull_alpha_thresh=0.01)
+    densify_once(uncapped)
+    assert uncapped.num_points > 500
+
+
+def test_densification_carries_latents_and_optimizer_state():
+    model = make_model(warmup_length=0, refine_every=10, densify_grad_thresh=1e-12, use_absgrad=True)
     with torch.no_grad():
         model.gauss_params["latents"].data = torch.arange(300 * 6, dtype=torch.float32).reshape(300, 6)
         model.gauss_params["opacities"].data[7] = -20.0  # below cull_alpha_thresh: pruned
     scale = torch.exp(model.gauss_params["scales"].detach()).amax(-1)
     model.strategy.grow_scale3d = float(scale.median())  # half duplicated, half split
-    step = 20
-    model.step_cb(opts, step)
-    cam = camera_at((2.5, 0.0, 0.5), width=32, height=24)
-    cam.metadata = {"cam_idx": 0}
-    out = model.get_outputs(cam)
-    loss = out["rgb"].mean() + out["feature"].pow(2).mean()
-    loss.backward()
-    opts.optimizer_step_all()  # the trainer's order: backward, optimiser step, then densification
-    old = model.gauss_params["latents"].detach().clone()
+    before = {}
+    opts, cam = densify_once(model, before_refine=lambda: before.update(latents=model.latents.detach().clone()))
+    old = before["latents"]
     n_before = old.shape[0]
-    model.step_post_backward(step)
     p = model.gauss_params
     n_after = p["means"].shape[0]
     assert n_after != n_before

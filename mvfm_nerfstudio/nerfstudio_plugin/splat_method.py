@@ -5,11 +5,11 @@ MVFM datamanager (``data["feature"]``) and :class:`MVFMSplatModel`; the per-Gaus
 latents and the feature decoder get their own optimiser groups. CPU-friendly defaults:
 fewer random Gaussians inside the normalised scene box when the scene has no sparse
 points (``load_3D_points=True`` seeds from ``ply_file_path`` when present), images cached
-on the CPU, the PyTorch rasteriser keeping the front 128 Gaussians per tile. On a GPU,
-gsplat's CUDA rasteriser is used automatically.
+on the CPU, the PyTorch rasteriser compositing each pixel's first 64 contributing
+Gaussians. On a GPU, gsplat's CUDA rasteriser is used automatically.
 
 Options show under ``ns-train mvfm-splat --help``, e.g. ``--pipeline.model.latent-dim``,
-``--pipeline.model.feature-loss-mult``, ``--pipeline.model.max-gaussians-per-tile``,
+``--pipeline.model.feature-loss-mult``, ``--pipeline.model.max-gaussians-per-pixel``,
 ``--pipeline.datamanager.features.backbone``, ``--pipeline.datamanager.features.weights``.
 """
 

@@ -126,6 +126,10 @@ class MVFMSplatModelConfig(SplatfactoModelConfig):
     """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
     ray_query_focal: float = 1000.0
     """Focal length (pixels) of the small pinhole camera feature_at_ray renders: larger = a thinner ray."""
+    max_num_gaussians: Optional[int] = None
+    """Stop growing (clone/split) once there are this many Gaussians; pruning continues. None = no cap."""
+    max_num_gaussians_cpu: Optional[int] = 200_000
+    """The same cap when training on CPU, where time per iteration grows with the count. None = no cap."""
 
 
 class MVFMSplatModel(SplatfactoModel):
@@ -202,6 +206,26 @@ class MVFMSplatModel(SplatfactoModel):
         groups = super().get_param_groups()
         groups["feature_decoder"] = list(self.feature_decoder.parameters())
         return groups
+
+    def _gaussian_cap(self) -> Optional[int]:
+        caps = [self.config.max_num_gaussians]
+        if self.device.type == "cpu":
+            caps.append(self.config.max_num_gaussians_cpu)
+        caps = [c for c in caps if c is not None]
+        return min(caps) if caps else None
+
+    def step_post_backward(self, step):
+        """splatfacto's densification step, without growth once the Gaussian cap is reached."""
+        cap = self._gaussian_cap()
+        if cap is None or self.num_points < cap:
+            return super().step_post_backward(step)
+        grow = self.strategy.grow_grad2d, self.strategy.grow_scale2d
+        # nothing clones or splits (by gradient or by screen size); pruning and opacity resets go on
+        self.strategy.grow_grad2d = self.strategy.grow_scale2d = float("inf")
+        try:
+            return super().step_post_backward(step)
+        finally:
+            self.strategy.grow_grad2d, self.strategy.grow_scale2d = grow
 
     def set_query(self, query: Optional[Tensor]) -> None:
         """Set (or clear with None) the ``[D]`` query feature behind the similarity/segmentation outputs."""

@@ -173,6 +173,10 @@ def test_densification_carries_latents_and_optimizer_state():
     (out["rgb"].mean() + out["feature"].mean()).backward()
     opts.optimizer_step_all()
     assert p["latents"].grad is not None and p["latents"].grad.shape == latents.shape
+    # a fresh model (other Gaussian count) loads the densified state: splatfacto resizes every gauss_params entry
+    fresh = make_model()
+    fresh.load_state_dict(model.state_dict())
+    torch.testing.assert_close(fresh.latents, model.latents)
 
 
 def test_seeded_initialisation_runs_on_cpu():

@@ -18,7 +18,7 @@ PATCH = 14
 
 
 def one_hot_maps(h: int, w: int, shift: int = 0) -> torch.Tensor:
-    """Two views [2, h*w, h, w]: every cell carries a unique one-hot code; view 1 is view 0 shifted right by ``shift`` cells."""
+    """Two views [2, h*w, h, w], a unique one-hot code per cell; view 1 is view 0 shifted right by ``shift`` cells."""
     codes = torch.eye(h * w).T.reshape(h * w, h, w)
     v1 = torch.roll(codes, shifts=shift, dims=-1)
     return torch.stack([codes, v1])

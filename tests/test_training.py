@@ -74,7 +74,7 @@ def test_checkpoints_are_loadable_and_pruned(scene, tmp_path):
     cfg = tiny_config(scene, tmp_path, steps=4, checkpoint_every=1, keep_checkpoints=2, eval_sets=0)
     final = Trainer(cfg).train()
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
-    assert ckpts == ["step-0000003.safetensors", "step-0000003.state.pt", "step-0000004.safetensors", "step-0000004.state.pt"]
+    assert ckpts == [f"step-000000{s}.{ext}" for s in (3, 4) for ext in ("safetensors", "state.pt")]
     step, adapters, state_path = latest_checkpoint(tmp_path)
     assert step == 4
     state = torch.load(state_path, weights_only=True)

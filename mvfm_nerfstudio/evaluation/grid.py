@@ -24,7 +24,9 @@ from typing import Tuple
 import torch
 import torch.nn.functional as F
 
-__all__ = ["pixel_to_normalized", "normalized_to_pixel", "cell_centers", "sample_features", "sample_views", "query_similarity"]
+__all__ = [
+    "pixel_to_normalized", "normalized_to_pixel", "cell_centers", "sample_features", "sample_views", "query_similarity",
+]
 
 
 def pixel_to_normalized(xy: torch.Tensor, size: Tuple[int, int]) -> torch.Tensor:

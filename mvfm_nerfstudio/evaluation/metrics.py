@@ -95,7 +95,9 @@ def viewpoint_angle(cam_to_world_a: torch.Tensor, cam_to_world_b: torch.Tensor) 
     return torch.rad2deg(torch.acos((za * zb).sum(-1).clamp(-1, 1))).float()
 
 
-def summarize_matches(loc_err: torch.Tensor, pixel_err: torch.Tensor, pck_thresholds: Sequence[float]) -> Dict[str, float]:
+def summarize_matches(
+    loc_err: torch.Tensor, pixel_err: torch.Tensor, pck_thresholds: Sequence[float]
+) -> Dict[str, float]:
     """Mean Loc. Err. and PCK at each pixel threshold (keys ``loc_err``, ``pck@<t>px``, ``num_matches``)."""
     n = int(loc_err.numel())
     out: Dict[str, float] = {"loc_err": float(loc_err.mean()) if n else math.nan, "num_matches": n}

@@ -61,8 +61,8 @@ class EvalConfig:
     """Seed of the view-set sampling."""
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Device ('auto' = cuda if available)."""
-    num_threads: int = 2
-    """Torch CPU threads."""
+    num_threads: int = 0
+    """Torch CPU threads while evaluating (0 = leave torch's setting)."""
     plots: bool = True
     """Write the PNG figures."""
     progress: bool = True
@@ -120,13 +120,24 @@ def model_from_checkpoint(config: EvalConfig):
 
 def run_evaluation(config: EvalConfig) -> Dict[str, object]:
     """Evaluate every scene; writes ``metrics.json`` (+ PNGs) to ``config.output_dir`` and returns the metrics."""
-    from ..training.scene_data import build_view_sets, heldout_view_sets, prepare_scene
-    from ..training.trainer import resolve_device
-    from .plots import plot_matches, plot_viewpoint_curve
+    from ..training.trainer import torch_threads
 
     if not config.scenes:
         raise ValueError("no scenes to evaluate: pass --scenes PATH ...")
-    torch.set_num_threads(max(1, config.num_threads))
+    with torch_threads(config.num_threads):
+        return _run(config)
+
+
+def _run(config: EvalConfig) -> Dict[str, object]:
+    from ..training.scene_data import (
+        build_view_sets,
+        heldout_view_sets,
+        prepare_scene,
+        usable_heldout_views,
+    )
+    from ..training.trainer import resolve_device
+    from .plots import plot_matches, plot_viewpoint_curve
+
     device = resolve_device(config.device)
     model, resolved = model_from_checkpoint(config)
     model.to(device).eval()
@@ -138,12 +149,16 @@ def run_evaluation(config: EvalConfig) -> Dict[str, object]:
         data = prepare_scene(scene, int(resolved["image_size"]), model.patch_size, int(resolved["holdout_every"]))
         views = min(config.num_views, len(data.scene))
         seed = config.seed + 7919 * i
+        extra: Dict[str, object] = {}
         if config.split == "heldout":
             sets = heldout_view_sets(data, views, config.num_sets, config.min_shared, seed, config.max_per_pair)
+            usable, skipped = usable_heldout_views(data, views, config.min_shared)
+            extra = {"heldout_views": usable, "skipped_heldout_views": skipped}
         else:
-            sets = build_view_sets(data, views, config.num_sets, config.min_shared, seed, max_per_pair=config.max_per_pair)
+            sets = build_view_sets(data, views, config.num_sets, config.min_shared, seed,
+                                   max_per_pair=config.max_per_pair)
         res = evaluate_sets(model, data, sets, include_base=True, progress=config.progress)
-        summary = res.summary(config.pck_thresholds, config.angle_bin_deg)
+        summary = {**res.summary(config.pck_thresholds, config.angle_bin_deg), **extra}
         results[data.name] = summary
         curves[data.name] = summary["viewpoint_curve"]
         if config.plots and res.example is not None:

@@ -38,7 +38,8 @@ class TrainConfig:
     tiny: bool = False
     """Tiny test-size random backbone (2 blocks, width 64); requires weights='random'."""
     model_seed: int = 0
-    """Torch seed set before building the model: fixes random backbone weights and adapter init (stored in the checkpoint so evaluation rebuilds the same random backbone)."""
+    """Torch seed set before building the model: fixes random backbone weights and adapter init (stored in the
+    checkpoint so evaluation rebuilds the same random backbone)."""
     mvfm: MVFMConfig = field(default_factory=MVFMConfig)
     """Adapter architecture."""
     init_adapters: Optional[Path] = None
@@ -96,7 +97,8 @@ class TrainConfig:
     device: Literal["auto", "cpu", "cuda"] = "auto"
     """Training device ('auto' = cuda if available)."""
     num_threads: int = 0
-    """Torch CPU threads per process while training (0 = leave torch's setting). On a busy machine fewer threads can be much faster."""
+    """Torch CPU threads per process while training (0 = leave torch's setting). On a busy machine fewer
+    threads can be much faster."""
     tensorboard: bool = True
     """Write tensorboard scalars to output_dir/tensorboard."""
     progress: bool = True

@@ -8,6 +8,7 @@ images take a few tens of MB), so a training step only indexes tensors.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 from pathlib import Path
@@ -17,7 +18,10 @@ import torch
 
 from ..data import Correspondences, PosedScene, correspondences_from_depth, correspondences_from_tracks, load_scene
 
-__all__ = ["SceneData", "ViewSet", "resolution_for", "prepare_scene", "build_view_sets", "heldout_view_sets"]
+__all__ = [
+    "SceneData", "ViewSet", "resolution_for", "prepare_scene", "build_view_sets", "heldout_view_sets",
+    "usable_heldout_views",
+]
 
 SceneLike = Union[PosedScene, str, Path]
 
@@ -31,7 +35,8 @@ def resolution_for(image_size: Tuple[int, int], long_side: int, patch_size: int)
         raise ValueError(f"image long side {long_side} is smaller than one {patch_size}px patch")
     h, w = image_size
     scale = long_side / max(h, w)
-    return tuple(max(patch_size, int(round(s * scale / patch_size)) * patch_size) for s in (h, w))  # type: ignore[return-value]
+    rounded = [max(patch_size, int(round(s * scale / patch_size)) * patch_size) for s in (h, w)]
+    return rounded[0], rounded[1]
 
 
 @dataclass
@@ -85,7 +90,7 @@ class SceneData:
         return self.scene.name
 
     def inputs(self, views: Sequence[int]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Model inputs for one set: images ``[1, S, 3, H, W]``, intrinsics ``[1, S, 3, 3]``, cam_to_world ``[1, S, 4, 4]``."""
+        """Model inputs of one set: images ``[1, S, 3, H, W]``, intrinsics ``[1, S, 3, 3]``, poses ``[1, S, 4, 4]``."""
         idx = torch.as_tensor(list(views), dtype=torch.long)
         return self.images[idx][None], self.intrinsics[idx][None], self.cam_to_world[idx][None]
 
@@ -96,7 +101,9 @@ class SceneData:
         self.base = torch.cat(feats)
         return self.base
 
-    def correspondences(self, views: Sequence[int], max_per_pair: Optional[int] = None, seed: int = 0) -> Correspondences:
+    def correspondences(
+        self, views: Sequence[int], max_per_pair: Optional[int] = None, seed: int = 0
+    ) -> Correspondences:
         """Ground-truth correspondences of a view set in pixels of :attr:`size` (tracks, else depth)."""
         views = list(views)
         if self.scene.tracks is not None and len(self.scene.tracks):
@@ -171,22 +178,58 @@ def build_view_sets(
     ]
 
 
+def usable_heldout_views(data: SceneData, num_views: int, min_shared: int) -> Tuple[List[int], List[int]]:
+    """Split the held-out views into those that can join a valid set and those that cannot.
+
+    A held-out view is unusable when it shares fewer than ``min_shared`` correspondences with every
+    other view (e.g. an isolated frame of a video): no set can contain it.
+
+    Returns:
+        ``(usable, skipped)`` scene view indices.
+    """
+    from ..data import SceneError, sample_view_sets
+
+    usable, skipped = [], []
+    for h in data.heldout_views:
+        try:
+            sample_view_sets(data.scene, num_views=num_views, min_shared=min_shared, num_sets=1, seed=0,
+                             must_include=[h])
+            usable.append(h)
+        except SceneError:
+            skipped.append(h)
+    return usable, skipped
+
+
 def heldout_view_sets(
     data: SceneData, num_views: int, num_sets: int, min_shared: int, seed: int, max_per_pair: Optional[int] = None
 ) -> List[ViewSet]:
     """Evaluation sets: each contains at least one held-out view (placed first); the others may be any view.
 
-    Sets are spread evenly over the held-out views (round-robin).
+    Sets are spread evenly (round-robin) over the held-out views that can be in a set at all
+    (:func:`usable_heldout_views`; the others are skipped with a warning).
 
     Raises:
-        ValueError: the scene has no held-out views.
+        ValueError: the scene has no (usable) held-out views.
     """
     if not data.heldout_views:
         raise ValueError(f"scene {data.name!r} has no held-out views; set holdout_every > 0")
-    per_view = math.ceil(num_sets / len(data.heldout_views))
+    usable, skipped = usable_heldout_views(data, num_views, min_shared)
+    if skipped:
+        warnings.warn(
+            f"scene {data.name!r}: held-out views {skipped} share < {min_shared} correspondences with every "
+            f"other view and cannot be evaluated in {num_views}-view sets; skipped",
+            stacklevel=2,
+        )
+    if not usable:
+        raise ValueError(
+            f"scene {data.name!r}: none of the held-out views {data.heldout_views} can form a {num_views}-view set "
+            f"with >= {min_shared} shared correspondences; lower min_shared or num_views"
+        )
+    per_view = math.ceil(num_sets / len(usable))
     groups = [
-        build_view_sets(data, num_views, per_view, min_shared, seed + 101 * k, must_include=[h], max_per_pair=max_per_pair)
-        for k, h in enumerate(data.heldout_views)
+        build_view_sets(data, num_views, per_view, min_shared, seed + 101 * k, must_include=[h],
+                        max_per_pair=max_per_pair)
+        for k, h in enumerate(usable)
     ]
     interleaved = [g[i] for i in range(per_view) for g in groups if i < len(g)]
     return interleaved[:num_sets]

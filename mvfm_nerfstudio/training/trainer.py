@@ -22,6 +22,7 @@ import math
 import os
 import re
 import time
+import warnings
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
@@ -182,7 +183,8 @@ class Trainer:
         if self.distributed:
             from torch.nn.parallel import DistributedDataParallel
 
-            self.ddp = DistributedDataParallel(self.model, device_ids=None if self.device.type == "cpu" else [self.device])
+            ids = None if self.device.type == "cpu" else [self.device]
+            self.ddp = DistributedDataParallel(self.model, device_ids=ids)
         if cfg.resume:
             self._resume()
         self._setup_done = True
@@ -280,7 +282,8 @@ class Trainer:
                     self.save_checkpoint()
         final = self.output_dir / "adapters.safetensors"
         if self.is_main:
-            self.model.save_adapters(final, model_metadata(cfg, self.step, {"train_seconds": f"{time.perf_counter() - t0:.1f}"}))
+            seconds = {"train_seconds": f"{time.perf_counter() - t0:.1f}"}
+            self.model.save_adapters(final, model_metadata(cfg, self.step, seconds))
         self._log_eval(writer)
         if self.is_main and getattr(self, "last_eval", None):
             atomic_write(self.output_dir / "heldout_metrics.json", json.dumps(self.last_eval, indent=2).encode())
@@ -300,7 +303,10 @@ class Trainer:
                 sets: List[ViewSet] = []
                 if data.heldout_views and cfg.eval_sets > 0:
                     views = min(cfg.num_views, len(data.scene))
-                    sets = heldout_view_sets(data, views, cfg.eval_sets, cfg.min_shared, cfg.seed + 104729 + i)
+                    try:
+                        sets = heldout_view_sets(data, views, cfg.eval_sets, cfg.min_shared, cfg.seed + 104729 + i)
+                    except ValueError as err:  # no held-out view overlaps enough: nothing to evaluate
+                        warnings.warn(f"held-out evaluation skipped: {err}", stacklevel=2)
                 self._heldout.append([vs for vs in sets if len(vs.corr) > 0])
         return self._heldout
 
@@ -370,8 +376,10 @@ class Trainer:
 
 
 def _check_config(cfg: TrainConfig) -> None:
-    for name in ("steps", "num_views", "pool_sets", "batch_sets", "num_correspondences", "checkpoint_every", "log_every"):
-        if getattr(cfg, name) < (2 if name == "num_views" else 1):
-            raise ValueError(f"training config: {name} must be >= {2 if name == 'num_views' else 1}, got {getattr(cfg, name)}")
+    minimum = dict(steps=1, num_views=2, pool_sets=1, batch_sets=1, num_correspondences=1, checkpoint_every=1,
+                   log_every=1)
+    for name, low in minimum.items():
+        if getattr(cfg, name) < low:
+            raise ValueError(f"training config: {name} must be >= {low}, got {getattr(cfg, name)}")
     if cfg.lr <= 0 or cfg.temperature <= 0:
         raise ValueError(f"training config: lr and temperature must be > 0, got {cfg.lr}, {cfg.temperature}")

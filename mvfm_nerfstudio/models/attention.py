@@ -77,6 +77,10 @@ class CrossViewAttention(nn.Module):
         num_heads: heads (D must be divisible by it).
     """
 
+    gather_budget_bytes: int = 64 * 2**20
+    """Neighbourhood attention gathers keys/values for at most this many bytes of query views at a
+    time (at least one view), so its scratch memory stays bounded however many views a set has."""
+
     def __init__(self, dim: int, num_heads: int):
         super().__init__()
         if dim % num_heads:
@@ -107,50 +111,65 @@ class CrossViewAttention(nn.Module):
         """
         b, s, t, d = x.shape
         nh, hd = self.num_heads, d // self.num_heads
+        # [B, S, T, 3, nh, hd]; q/k/v stay strided views of it (SDPA takes any layout with a
+        # contiguous last dim), so no head-splitting copies are made.
         qkv = self.qkv(x).view(b, s, t, 3, nh, hd)
-        q, k, v = qkv.unbind(3)  # [B, S, T, nh, hd]
         if neighbors is None and kv_pool == 1:
-            out = self._joint(q, k, v)
+            out = self._joint(qkv)
         else:
             if neighbors is None:
                 neighbors = all_other_views(b, s, x.device)
-            out = self._neighbourhood(q, k, v, neighbors, grid, kv_pool)
-        return self.proj(out.reshape(b, s, t, d))
+            out = self._neighbourhood(qkv, neighbors, grid, kv_pool, self.gather_budget_bytes)
+        return self.proj(out)
 
     @staticmethod
-    def _joint(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        b, s, t, nh, hd = q.shape
-
-        def heads(z: torch.Tensor) -> torch.Tensor:  # [B, S, T, nh, hd] -> [B, nh, S*T, hd]
-            return z.reshape(b, s * t, nh, hd).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads(q), heads(k), heads(v))
-        return out.transpose(1, 2).reshape(b, s, t, nh, hd)
+    def _joint(qkv: torch.Tensor) -> torch.Tensor:
+        """All ``S*T`` tokens attend to each other: ``[B, S, T, 3, nh, hd] -> [B, S, T, nh*hd]``."""
+        b, s, t, _, nh, hd = qkv.shape
+        q, k, v = (z.reshape(b, s * t, nh, hd).transpose(1, 2) for z in qkv.unbind(3))  # views
+        out = F.scaled_dot_product_attention(q, k, v)  # [B, nh, S*T, hd], stored as [B, S*T, nh, hd]
+        return out.transpose(1, 2).reshape(b, s, t, nh * hd)
 
     @staticmethod
     def _neighbourhood(
-        q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, neighbors: torch.Tensor,
-        grid: Tuple[int, int], kv_pool: int,
+        qkv: torch.Tensor, neighbors: torch.Tensor, grid: Tuple[int, int], kv_pool: int, budget_bytes: int,
     ) -> torch.Tensor:
-        b, s, t, nh, hd = q.shape
+        """Each view attends to its own tokens and its neighbours' (optionally pooled) tokens.
+
+        Keys/values of ``[own view, neighbours...]`` are gathered with one index per chunk of
+        query views into a ``[chunk, L, 2, nh, hd]`` buffer (``L = T + K*Tp``), so memory is
+        ``O(S*K*Tp)`` with a chunk size bounded by ``budget_bytes``, never ``O(S^2)``.
+        """
+        b, s, t, _, nh, hd = qkv.shape
         kk = neighbors.shape[-1]
-        kv = torch.stack([k, v], dim=2)  # [B, S, 2, T, nh, hd]
+        flat = qkv.reshape(b * s, t, 3, nh, hd)  # a view: (B, S) merge
+        q = flat[:, :, 0].transpose(1, 2)  # [B*S, nh, T, hd] view
+        kv = flat[:, :, 1:]  # [B*S, T, 2, nh, hd] view
+        base = (torch.arange(b, device=qkv.device) * s)[:, None, None]
+        nbr = (neighbors.to(qkv.device) + base).reshape(b * s, kk)  # flat neighbour rows
         if kv_pool > 1:
             h, w = grid
-            pooled = kv.permute(0, 1, 2, 4, 5, 3).reshape(b * s * 2, nh * hd, h, w)
+            pooled = kv.permute(0, 2, 3, 4, 1).reshape(b * s, 2 * nh * hd, h, w)
             pooled = F.avg_pool2d(pooled, kv_pool, kv_pool, ceil_mode=True)
             tp = pooled.shape[-2] * pooled.shape[-1]
-            other = pooled.view(b, s, 2, nh, hd, tp).permute(0, 1, 2, 5, 3, 4)
+            other = pooled.view(b * s, 2, nh, hd, tp).permute(0, 4, 1, 2, 3)  # [B*S, Tp, 2, nh, hd] view
+            rows = nbr
         else:
             other, tp = kv, t
-        batch_idx = torch.arange(b, device=q.device)[:, None, None]
-        gathered = other[batch_idx, neighbors]  # [B, S, K, 2, Tp, nh, hd]
-        gathered = gathered.permute(0, 1, 3, 2, 4, 5, 6).reshape(b, s, 2, kk * tp, nh, hd)
-        keys_values = torch.cat([kv, gathered], dim=3)  # own view first, full resolution
-        kf, vf = keys_values.unbind(2)  # [B, S, T + K*Tp, nh, hd]
-
-        def heads(z: torch.Tensor) -> torch.Tensor:  # [B, S, L, nh, hd] -> [B*S, nh, L, hd]
-            return z.reshape(b * s, z.shape[2], nh, hd).transpose(1, 2)
-
-        out = F.scaled_dot_product_attention(heads(q), heads(kf), heads(vf))
-        return out.transpose(1, 2).reshape(b, s, t, nh, hd)
+            own = torch.arange(b * s, device=qkv.device)[:, None]
+            rows = torch.cat([own, nbr], dim=1)  # own view first: one gather builds the whole sequence
+        per_view = (t + kk * tp) * 2 * nh * hd * qkv.element_size()
+        chunk = max(1, min(b * s, budget_bytes // max(1, per_view)))
+        out = None if chunk >= b * s else qkv.new_empty(b * s, t, nh, hd)
+        for lo in range(0, b * s, chunk):
+            hi = min(b * s, lo + chunk)
+            gathered = other[rows[lo:hi].flatten()]  # [n*(K(+1)), Tp, 2, nh, hd], contiguous
+            seq = gathered.view(hi - lo, -1, 2, nh, hd)
+            if kv_pool > 1:
+                seq = torch.cat([kv[lo:hi], seq], dim=1)  # own view at full resolution first
+            k, v = seq[:, :, 0].transpose(1, 2), seq[:, :, 1].transpose(1, 2)  # [n, nh, L, hd] views
+            res = F.scaled_dot_product_attention(q[lo:hi], k, v).transpose(1, 2)  # [n, T, nh, hd]
+            if out is None:
+                return res.reshape(b, s, t, nh * hd)  # one chunk: SDPA's output layout makes this a view
+            out[lo:hi] = res
+        return out.view(b, s, t, nh * hd)

@@ -4,12 +4,15 @@
     python benchmarks/bench_splat_training.py --iterations 2000 --threads 2
 
 Steps: ``mvfm-make-scene``-style procedural scene (``tiny_config`` with ``--views`` views,
-3/4 train, 1/4 held out), ``ns-train mvfm-splat`` in a subprocess (random tiny backbone:
-features are deterministic but meaningless, so this measures the machinery, not semantic
-quality), then in-process: seconds per iteration (from the trainer's log), Gaussian count,
-held-out PSNR, and the mean cosine similarity between rendered features (resampled to the
-feature grid) and the cached MVFM features on the training views. JSON to
-``benchmarks/results/bench_splat_training.json``.
+3/4 train, 1/4 held out; ``--init points`` converts its COLMAP points to ``sparse_pc.ply``
+and sets ``ply_file_path``, as ``ns-process-data`` does, so the splats start from surface
+points; ``--init random`` starts from random points), ``ns-train mvfm-splat`` in a
+subprocess (random tiny backbone: features are deterministic but meaningless, so this
+measures the machinery, not semantic quality), then in-process: seconds per iteration (from
+the trainer's log), Gaussian count, held-out PSNR over whole images and over non-sky pixels
+(object id > 0; the points do not cover the sky), and the mean cosine similarity between
+rendered features (resampled to the feature grid) and the cached MVFM features on the
+training views. JSON to ``benchmarks/results/bench_splat_training.json``.
 """
 
 from __future__ import annotations
@@ -52,6 +55,19 @@ def train(scene: Path, out: Path, cache: Path, a) -> "tuple[float, str]":
     return wall, proc.stdout
 
 
+def add_point_cloud(scene: Path) -> None:
+    """``sparse/0`` (COLMAP) -> ``sparse_pc.ply`` + ``ply_file_path`` in transforms.json, as ns-process-data does."""
+    import json
+
+    from nerfstudio.process_data.colmap_utils import create_ply_from_colmap
+
+    meta = json.loads((scene / "transforms.json").read_text())
+    applied = torch.tensor(meta["applied_transform"], dtype=torch.float32)
+    create_ply_from_colmap("sparse_pc.ply", scene / "sparse" / "0", scene, applied)
+    meta["ply_file_path"] = "sparse_pc.ply"
+    (scene / "transforms.json").write_text(json.dumps(meta, indent=1))
+
+
 @torch.no_grad()
 def evaluate(config: Path) -> dict:
     from nerfstudio.utils.eval_utils import eval_setup
@@ -60,14 +76,20 @@ def evaluate(config: Path) -> dict:
 
     _, pipeline, _, step = eval_setup(config, test_mode="val")
     model, dm = pipeline.model, pipeline.datamanager
-    psnr, render_s = [], []
+    from mvfm_nerfstudio.data.scene import read_label_file
+
+    psnr, psnr_fg, render_s = [], [], []
     for i in range(len(dm.eval_dataset)):
         t0 = time.perf_counter()
         out = model.get_outputs_for_camera(dm.eval_dataset.cameras[i:i + 1])
         render_s.append(time.perf_counter() - t0)
         gt = dm.cached_eval[i]["image"]
         gt = (gt.float() / 255 if gt.dtype == torch.uint8 else gt)[..., :3]
-        psnr.append(float(-10 * torch.log10(((out["rgb"] - gt) ** 2).mean())))
+        err = ((out["rgb"] - gt) ** 2).mean(-1)
+        image = Path(dm.eval_dataset.image_filenames[i])
+        foreground = read_label_file(image.parent.parent / "object_ids" / image.name) > 0
+        psnr.append(float(-10 * torch.log10(err.mean())))
+        psnr_fg.append(float(-10 * torch.log10(err[foreground].mean())))
     cos = []
     for i in range(len(dm.train_dataset)):
         out = model.get_outputs_for_camera(dm.train_dataset.cameras[i:i + 1])
@@ -75,6 +97,7 @@ def evaluate(config: Path) -> dict:
         pred = resample_to_grid(out["feature"], tuple(target.shape[:2]))
         cos.append(float(torch.nn.functional.cosine_similarity(pred, target, dim=-1).mean()))
     return {"step": step, "gaussians": model.num_points, "eval_psnr": sum(psnr) / len(psnr),
+            "eval_psnr_non_sky": sum(psnr_fg) / len(psnr_fg),
             "train_feature_cosine": sum(cos) / len(cos), "eval_render_s": sorted(render_s)[len(render_s) // 2],
             "eval_views": len(psnr), "train_views": len(cos)}
 
@@ -85,6 +108,8 @@ def main(argv=None) -> None:
     ap.add_argument("--views", type=int, default=12)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--seed", type=int, default=3)
+    ap.add_argument("--init", choices=["points", "random"], default="points",
+                    help="start from the scene's surface points (sparse_pc.ply) or from random points")
     ap.add_argument("--workdir", default=None, help="keep scene and outputs here (default: a temporary folder)")
     ap.add_argument("--json", default=None)
     a = ap.parse_args(argv)
@@ -93,8 +118,10 @@ def main(argv=None) -> None:
 
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(a.workdir or tmp)
-        scene = make_scene(tiny_config(seed=a.seed, num_views=a.views, write_colmap=False, overwrite=True),
-                           work / "scene", progress=False)
+        scene = make_scene(tiny_config(seed=a.seed, num_views=a.views, write_colmap=a.init == "points",
+                                       overwrite=True), work / "scene", progress=False)
+        if a.init == "points":
+            add_point_cloud(scene)
         wall, log = train(scene, work / "out", work / "cache", a)
         its = [float(m) for m in re.findall(r"Trainer\.train_iteration: ([0-9.]+)", log)]
         result = {"iterations": a.iterations, "train_wall_s": wall, "s_per_iteration": its[-1] if its else None,

@@ -190,6 +190,35 @@ def test_seeded_initialisation_runs_on_cpu():
     assert model.gauss_params["latents"].shape == (40, 6) and model.features_rest.shape == (40, 3, 3)
 
 
+def test_ply_seed_points_are_read_without_open3d(tmp_path):
+    import numpy as np
+    from plyfile import PlyData, PlyElement
+
+    from mvfm_nerfstudio.nerfstudio_plugin.splat_method import NerfstudioPly, read_ply_points
+
+    xyz = np.random.default_rng(0).normal(size=(20, 3)).astype(np.float32)
+    rgb = np.arange(60, dtype=np.uint8).reshape(20, 3)
+    ascii_path = tmp_path / "points.ply"  # the layout ns-process-data (create_ply_from_colmap) writes
+    lines = [f"{x:.6f} {y:.6f} {z:.6f} {r} {g} {b}" for (x, y, z), (r, g, b) in zip(xyz, rgb)]
+    ascii_path.write_text("ply\nformat ascii 1.0\nelement vertex 20\nproperty float x\nproperty float y\n"
+                          "property float z\nproperty uint8 red\nproperty uint8 green\nproperty uint8 blue\n"
+                          "end_header\n" + "\n".join(lines) + "\n")
+    points = read_ply_points(ascii_path)
+    np.testing.assert_allclose(points["xyz"], xyz, atol=1e-6)
+    np.testing.assert_array_equal(points["rgb"], rgb)
+    binary_path = tmp_path / "no_colour.ply"
+    vertices = np.array([tuple(p) for p in xyz], dtype=[("x", "f4"), ("y", "f4"), ("z", "f4")])
+    PlyData([PlyElement.describe(vertices, "vertex")]).write(str(binary_path))
+    points = read_ply_points(binary_path)
+    assert points["xyz"].shape == (20, 3) and points["rgb"].shape == (0, 3)
+    # the dataparser hook applies Nerfstudio's transform and scale, like its open3d version
+    transform = torch.tensor([[0.0, -1.0, 0.0, 1.0], [1.0, 0.0, 0.0, 2.0], [0.0, 0.0, 1.0, 3.0]])
+    out = NerfstudioPly._load_3D_points(None, ascii_path, transform, 0.5)
+    expected = (torch.from_numpy(xyz) @ transform[:, :3].T + transform[:, 3]) * 0.5
+    torch.testing.assert_close(out["points3D_xyz"], expected, atol=1e-5, rtol=1e-5)
+    assert out["points3D_rgb"].dtype == torch.uint8
+
+
 def test_feature_at_ray_matches_the_rendered_pixel():
     model = make_model(max_gaussians_per_pixel=None)
     model.eval()

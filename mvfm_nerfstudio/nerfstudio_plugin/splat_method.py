@@ -4,7 +4,8 @@ splatfacto's recipe (same optimisers, schedules and densification) with the full
 MVFM datamanager (``data["feature"]``) and :class:`MVFMSplatModel`; the per-Gaussian
 latents and the feature decoder get their own optimiser groups. CPU-friendly defaults:
 fewer random Gaussians inside the normalised scene box when the scene has no sparse
-points (``load_3D_points=True`` seeds from ``ply_file_path`` when present), images cached
+points (``load_3D_points=True`` seeds from ``ply_file_path`` when present, read without
+open3d), images cached
 on the CPU, the PyTorch rasteriser compositing each pixel's first 64 contributing
 Gaussians. On a GPU, gsplat's CUDA rasteriser is used automatically.
 
@@ -15,8 +16,14 @@ Options show under ``ns-train mvfm-splat --help``, e.g. ``--pipeline.model.laten
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, Optional, Type
+
+import numpy as np
+import torch
 from nerfstudio.configs.base_config import ViewerConfig
-from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+from nerfstudio.data.dataparsers.nerfstudio_dataparser import Nerfstudio, NerfstudioDataParserConfig
 from nerfstudio.engine.optimizers import AdamOptimizerConfig
 from nerfstudio.engine.trainer import TrainerConfig
 from nerfstudio.pipelines.base_pipeline import VanillaPipelineConfig
@@ -26,7 +33,47 @@ from .datamanager import MVFMFullImageDatamanagerConfig
 from .schedulers import FloatExponentialDecaySchedulerConfig
 from .splat_model import MVFMSplatModelConfig
 
-__all__ = ["mvfm_splat_config", "mvfm_splat"]
+__all__ = ["mvfm_splat_config", "mvfm_splat", "NerfstudioPlyDataParserConfig", "read_ply_points"]
+
+
+def read_ply_points(path: Path) -> Optional[Dict[str, np.ndarray]]:
+    """Vertices of a point-cloud ``.ply`` (ascii or binary): ``xyz [N, 3]`` float32, ``rgb [N, 3]`` uint8 or
+    ``[0, 3]`` without colours; None when the file has no vertices."""
+    from plyfile import PlyData
+
+    vertex = PlyData.read(str(path))["vertex"]
+    if vertex.count == 0:
+        return None
+    xyz = np.stack([vertex["x"], vertex["y"], vertex["z"]], -1).astype(np.float32)
+    names = vertex.data.dtype.names
+    if all(c in names for c in ("red", "green", "blue")):
+        rgb = np.stack([vertex["red"], vertex["green"], vertex["blue"]], -1)
+        if rgb.dtype.kind == "f":  # float colours in [0, 1]
+            rgb = np.round(np.clip(rgb, 0, 1) * 255)
+        rgb = rgb.astype(np.uint8)
+    else:
+        rgb = np.zeros((0, 3), dtype=np.uint8)
+    return {"xyz": xyz, "rgb": rgb}
+
+
+@dataclass
+class NerfstudioPlyDataParserConfig(NerfstudioDataParserConfig):
+    """Nerfstudio's dataparser (``nerfstudio-data``), reading the seed point cloud (``ply_file_path``) with plyfile
+    instead of open3d, whose import needs system libraries (libusb) that minimal machines lack."""
+
+    _target: Type = field(default_factory=lambda: NerfstudioPly)
+
+
+class NerfstudioPly(Nerfstudio):
+    """:class:`Nerfstudio` with an open3d-free point-cloud reader (same outputs)."""
+
+    def _load_3D_points(self, ply_file_path: Path, transform_matrix: torch.Tensor, scale_factor: float):
+        points = read_ply_points(ply_file_path)
+        if points is None:
+            return None
+        xyz = torch.from_numpy(points["xyz"])
+        xyz = torch.cat([xyz, torch.ones_like(xyz[..., :1])], -1) @ transform_matrix.T * scale_factor
+        return {"points3D_xyz": xyz, "points3D_rgb": torch.from_numpy(points["rgb"])}
 
 
 def _adam(lr: float, scheduler=None) -> dict:
@@ -46,7 +93,7 @@ def mvfm_splat_config() -> TrainerConfig:
         mixed_precision=False,
         pipeline=VanillaPipelineConfig(
             datamanager=MVFMFullImageDatamanagerConfig(
-                dataparser=NerfstudioDataParserConfig(load_3D_points=True),
+                dataparser=NerfstudioPlyDataParserConfig(load_3D_points=True),
                 cache_images="cpu",
                 cache_images_type="uint8",
             ),

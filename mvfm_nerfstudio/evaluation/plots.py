@@ -74,6 +74,7 @@ def plot_matches(example: Dict[str, object], path: Path, max_points: int = 12, t
     corr = example["corr"]
     preds: Dict[str, torch.Tensor] = example["pred_xy"]  # type: ignore[assignment]
     s = images.shape[0]
+    views = list(example.get("views") or range(s))  # type: ignore[arg-type]
     from_first = (corr.src_view == 0).nonzero().flatten()
     # choose queries (by 3D point when known) seen from view 0, spread over the target views
     keys = corr.point_ids[from_first] if corr.point_ids is not None else from_first
@@ -86,7 +87,7 @@ def plot_matches(example: Dict[str, object], path: Path, max_points: int = 12, t
     for v, ax in enumerate(axes):
         ax.imshow(images[v].permute(1, 2, 0).clamp(0, 1).numpy())
         ax.set_axis_off()
-        ax.set_title("queries (view 0)" if v == 0 else f"view {v}", fontsize=8)
+        ax.set_title(f"queries: scene view {views[0]}" if v == 0 else f"scene view {views[v]}", fontsize=8)
     for ci, key in enumerate(chosen.tolist()):
         color = cmap(ci % 20)
         rows = from_first[keys == key]

@@ -163,7 +163,7 @@ def _run(config: EvalConfig) -> Dict[str, object]:
         curves[data.name] = summary["viewpoint_curve"]
         if config.plots and res.example is not None:
             plot_matches(res.example, out_dir / f"matches_{data.name}.png",
-                         title=f"{data.name}: o truth  x base  + MVFM (views {list(res.example['views'])})")
+                         title=f"{data.name}: o truth  x base  + MVFM")
     if config.plots:
         plot_viewpoint_curve(curves, out_dir / "viewpoint_curve.png", title="Loc. Err. vs viewpoint change")
     payload = {

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_rasterizer.py                         # 1k/10k Gaussians at 64/128/256 px
     python benchmarks/bench_rasterizer.py --gaussians 10000 --sizes 128 --channels 20 --threads 2
+    python benchmarks/bench_rasterizer.py --config outputs/.../mvfm-splat/<run>/config.yml   # a trained scene
 
 Two scenes of N Gaussians in front of a pinhole camera (58 degree field of view), rendering
 ``--channels`` channels (default 20 = RGB + 16 latents + depth, what ``mvfm-splat``
@@ -36,7 +37,8 @@ from mvfm_nerfstudio.nerfstudio_plugin.rasterize import (  # noqa: E402
 # name -> rasterize() keyword arguments of the torch backend
 FAST_CONFIGS: Dict[str, Dict[str, Optional[int]]] = {
     "fast exact": {"max_per_pixel": None, "max_per_block": None},
-    "fast K_px=64 (default)": {"max_per_pixel": 64, "max_per_block": None},
+    "fast K_px=256 (default)": {"max_per_pixel": 256, "max_per_block": None},
+    "fast K_px=64": {"max_per_pixel": 64, "max_per_block": None},
     "fast K_px=32 K_blk=256": {"max_per_pixel": 32, "max_per_block": 256},
 }
 
@@ -75,21 +77,47 @@ def make_scene(n: int, size: int, channels: int, device: str, kind: str = "volum
     return params, torch.eye(4, device=device), K.to(device)
 
 
-def run_case(n: int, size: int, kind: str, channels: int, repeats: int,
-             reference_max_pairs: float) -> List[Dict[str, object]]:
+def trained_scene(config: str, camera_index: int = 0):
+    """The Gaussians of a trained ``mvfm-splat`` run (its ``config.yml``), seen from a training camera:
+    ``(params, viewmat, K, width, height)``; colours = RGB (from the SH) + latents, as the model composites."""
+    from pathlib import Path as _Path
+
+    from nerfstudio.utils.eval_utils import eval_setup
+
+    from mvfm_nerfstudio.nerfstudio_plugin.rasterize import sh_colors
+    from mvfm_nerfstudio.nerfstudio_plugin.splat_model import world_to_camera_opencv
+
+    _, pipeline, _, _ = eval_setup(_Path(config), test_mode="val")
+    model = pipeline.model
+    camera = pipeline.datamanager.train_dataset.cameras[camera_index:camera_index + 1]
+    viewmat = world_to_camera_opencv(camera.camera_to_worlds[0].float())
+    K = camera.get_intrinsics_matrices()[0].float()
+    g = {k: v.detach() for k, v in model.gauss_params.items()}
+    sh = torch.cat([g["features_dc"][:, None], g["features_rest"]], 1)
+    rgb = sh_colors(sh, g["means"], viewmat, model.config.sh_degree) if model.config.sh_degree > 0 else \
+        torch.sigmoid(g["features_dc"])
+    params = {"means": g["means"], "quats": g["quats"], "scales": torch.exp(g["scales"]),
+              "opacities": torch.sigmoid(g["opacities"][:, 0]), "colors": torch.cat([rgb, g["latents"]], -1)}
+    params = {k: v.clone().requires_grad_(True) for k, v in params.items()}
+    return params, viewmat, K, int(camera.width), int(camera.height)
+
+
+def run_case(kind: str, p: Dict[str, torch.Tensor], viewmat: torch.Tensor, K: torch.Tensor, width: int, height: int,
+             repeats: int, reference_max_pairs: float) -> List[Dict[str, object]]:
     rows = []
-    p, viewmat, K = make_scene(n, size, channels, "cpu", kind)
-    args = (p["means"], p["quats"], p["scales"], p["opacities"], p["colors"], viewmat, K, size, size)
+    n = p["means"].shape[0]
+    size = f"{width}x{height}"
+    args = (p["means"], p["quats"], p["scales"], p["opacities"], p["colors"], viewmat, K, width, height)
 
     def fast(cfg):
         return lambda: rasterize(*args, backend="torch", **cfg)
 
     def reference():
-        proj = project_gaussians(p["means"], p["quats"], p["scales"], p["opacities"], viewmat, K, size, size)
-        return composite_reference(proj, p["colors"], size, size, pixel_chunk=1024)
+        proj = project_gaussians(p["means"], p["quats"], p["scales"], p["opacities"], viewmat, K, width, height)
+        return composite_reference(proj, p["colors"], width, height, pixel_chunk=1024)
 
     fns = {name: fast(cfg) for name, cfg in FAST_CONFIGS.items()}
-    pairs = n * size * size
+    pairs = n * width * height
     if pairs <= reference_max_pairs:
         fns["dense reference"] = reference
 
@@ -121,8 +149,6 @@ def run_case(n: int, size: int, kind: str, channels: int, repeats: int,
         rows.append({"scene": kind, "gaussians": n, "size": size, "method": "dense reference", "forward_s": None,
                      "fwd_bwd_s": None,
                      "note": f"skipped: {pairs:.2g} pairs > --reference-max-pairs"})
-    if torch.cuda.is_available():
-        rows.extend(run_gsplat(n, size, kind, channels, repeats))
     return rows
 
 
@@ -148,8 +174,8 @@ def run_gsplat(n: int, size: int, kind: str, channels: int, repeats: int) -> Lis
     t = time_interleaved({"fwd": fwd, "both": both}, repeats=repeats)
     exact = rasterize(*args, backend="torch", max_per_pixel=None)[0]
     err = float((rasterize(*args, backend="gsplat")[0] - exact).abs().max())
-    return [{"scene": kind, "gaussians": n, "size": size, "method": "gsplat CUDA", "forward_s": t["fwd"], "fwd_bwd_s": t["both"],
-             "max_abs_err": err}]
+    return [{"scene": kind, "gaussians": n, "size": f"{size}x{size}", "method": "gsplat CUDA", "forward_s": t["fwd"],
+             "fwd_bwd_s": t["both"], "max_abs_err": err}]
 
 
 def main(argv=None) -> None:
@@ -161,14 +187,22 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--reference-max-pairs", type=float, default=4.5e7)
+    ap.add_argument("--config", default=None,
+                    help="instead of the synthetic scenes: a trained mvfm-splat run's config.yml (first training view)")
     ap.add_argument("--json", default=None, help="output path (default benchmarks/results/bench_rasterizer.json)")
     a = ap.parse_args(argv)
     torch.set_num_threads(a.threads)
     rows = []
-    for kind in a.scenes:
+    if a.config:
+        p, viewmat, K, width, height = trained_scene(a.config)
+        rows.extend(run_case("trained", p, viewmat, K, width, height, a.repeats, a.reference_max_pairs))
+    for kind in a.scenes if not a.config else []:
         for n in a.gaussians:
             for size in a.sizes:
-                rows.extend(run_case(n, size, kind, a.channels, a.repeats, a.reference_max_pairs))
+                p, viewmat, K = make_scene(n, size, a.channels, "cpu", kind)
+                rows.extend(run_case(kind, p, viewmat, K, size, size, a.repeats, a.reference_max_pairs))
+                if torch.cuda.is_available():
+                    rows.extend(run_gsplat(n, size, kind, a.channels, a.repeats))
                 print(f"done: {kind}, {n} Gaussians at {size}x{size}", flush=True)
     print_table(rows, ["scene", "gaussians", "size", "method", "forward_s", "fwd_bwd_s", "max_abs_err", "max_per_block_count",
                        "max_per_pixel_count", "dropped"], title="Rasteriser: seconds per call (median)")

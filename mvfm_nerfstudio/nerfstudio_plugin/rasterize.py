@@ -40,7 +40,7 @@ How the PyTorch path works and where it deviates from gsplat CUDA (:func:`compos
   which follows gsplat's CUDA kernels rule by rule (summation order differs; the direct
   comparison, ``tests/test_rasterize.py::test_torch_backend_matches_gsplat_cuda``, runs only
   on a GPU).
-* ``max_per_pixel`` (K, default 64) keeps each pixel's first K contributing Gaussians;
+* ``max_per_pixel`` (K, default 256) keeps each pixel's first K contributing Gaussians;
   ``max_per_block`` keeps the front K candidates per block. Either can drop Gaussians behind
   the first K: a pixel's error is then at most its remaining transmittance ``1 - alpha_out``
   times the largest colour magnitude; dropped Gaussians get no gradient from that pixel
@@ -553,7 +553,7 @@ def rasterize(
     tile_size: int = 16,
     block_size: int = 8,
     max_per_block: Optional[int] = None,
-    max_per_pixel: Optional[int] = 64,
+    max_per_pixel: Optional[int] = 256,
     absgrad: bool = False,
     backend: Backend = "auto",
 ) -> Tuple[Tensor, Tensor, Dict[str, Any]]:

@@ -6,7 +6,7 @@ latents and the feature decoder get their own optimiser groups. CPU-friendly def
 fewer random Gaussians inside the normalised scene box when the scene has no sparse
 points (``load_3D_points=True`` seeds from ``ply_file_path`` when present, read without
 open3d), images cached
-on the CPU, the PyTorch rasteriser compositing each pixel's first 64 contributing
+on the CPU, the PyTorch rasteriser compositing each pixel's first 256 contributing
 Gaussians. On a GPU, gsplat's CUDA rasteriser is used automatically.
 
 Options show under ``ns-train mvfm-splat --help``, e.g. ``--pipeline.model.latent-dim``,

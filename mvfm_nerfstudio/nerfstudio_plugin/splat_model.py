@@ -115,8 +115,9 @@ class MVFMSplatModelConfig(SplatfactoModelConfig):
     to the cached feature grid)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
     """Rasteriser backend: 'auto' (gsplat CUDA on a GPU, the PyTorch tile compositor on CPU), 'gsplat' or 'torch'."""
-    max_gaussians_per_pixel: Optional[int] = 64
-    """PyTorch rasteriser: composite each pixel's first K contributing Gaussians (None = all, exact)."""
+    max_gaussians_per_pixel: Optional[int] = 256
+    """PyTorch rasteriser: composite each pixel's first K contributing Gaussians (None = all, exact). Costs follow
+    the actual list lengths, so the cap mainly bounds memory (long lists on large viewer renders)."""
     max_gaussians_per_block: Optional[int] = None
     """PyTorch rasteriser: consider only the front K Gaussians of each 8x8 block (None = all, exact; a cap bounds
     the cost of crowded blocks)."""

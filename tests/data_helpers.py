@@ -19,9 +19,14 @@ _TMP = Path(tempfile.mkdtemp(prefix="mvfm_data_tests_"))
 atexit.register(shutil.rmtree, _TMP, True)
 
 
-@functools.lru_cache(maxsize=None)
 def tiny_scene_path(seed: int = 0) -> Path:
     """A tiny generated scene (8 views, 96x128, COLMAP tracks), made once per test session. Do not modify it."""
+    # lru_cache keys f() and f(0) differently, so cache on the normalised seed only.
+    return _tiny_scene_path(int(seed))
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny_scene_path(seed: int) -> Path:
     return make_scene(tiny_config(seed=seed), _TMP / f"tiny_{seed}", progress=False)
 
 

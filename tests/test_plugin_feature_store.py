@@ -78,7 +78,8 @@ def test_views_in_several_sets_get_the_average_of_their_set_features(scene, tmp_
     randomize_adapters(model, seed=1)  # non-identity adapters: a view's features depend on its set
     ckpt = tmp_path / "adapters.safetensors"
     model.save_adapters(ckpt)
-    store = FeatureStore(_config(tmp_path, adapters=ckpt, feature_dim=None), _source(paths)).prepare()
+    cfg = _config(tmp_path, adapters=ckpt, feature_dim=None, view_grouping="neighbors", kv_pool=1)
+    store = FeatureStore(cfg, _source(paths)).prepare()
     sets = store.meta["view_sets"]
     assert store.mvfm_forwards == len(sets) and max(sum(v in s for s in sets) for v in range(N)) > 1
 

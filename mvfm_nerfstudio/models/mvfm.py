@@ -27,6 +27,7 @@ from ..backbones.vit import FoundationBackbone, WeightsSource, create_backbone
 from ..geometry.cameras import (
     CameraError,
     normalize_cameras,
+    plucker_ray_map,
     to_homogeneous,
     validate_cam_to_world,
     validate_intrinsics,
@@ -311,34 +312,6 @@ class MultiViewFoundationModel(nn.Module):
         from .checkpoint import load_adapters
 
         return load_adapters(self, path)
-
-
-def plucker_ray_map(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Plücker ray maps of many cameras at once, ``[..., 3, 3], [..., 4, 4] -> [N, 6, H, W]`` float32.
-
-    The same rays as :func:`~mvfm_nerfstudio.geometry.cameras.plucker_rays` (unit direction ``d``,
-    moment ``o x d``, pixel centres at ``col + 0.5``), computed as one small matrix product per
-    camera: with ``p = (u, v, 1)``, ``(d, o x d) = A p / |R K^-1 p|`` where
-    ``A = [R K^-1; [o]_x R K^-1]`` (6x3, built in float64). This avoids the per-pixel
-    float64 pipeline and writes the channels-first layout the patch embedding wants.
-    """
-    k = intrinsics.reshape(-1, 3, 3).double()
-    c2w = cam_to_world.reshape(-1, 4, 4).double()
-    rk = c2w[:, :3, :3] @ torch.linalg.inv(k)  # [N, 3, 3]
-    o = c2w[:, :3, 3]
-    zero = torch.zeros_like(o[:, 0])
-    cross = torch.stack([  # [o]_x, so that [o]_x y = o x y
-        torch.stack([zero, -o[:, 2], o[:, 1]], -1),
-        torch.stack([o[:, 2], zero, -o[:, 0]], -1),
-        torch.stack([-o[:, 1], o[:, 0], zero], -1),
-    ], -2)
-    a = torch.cat([rk, cross @ rk], dim=1).float()[..., None, None]  # [N, 6, 3, 1, 1]
-    u = torch.arange(width, device=a.device, dtype=a.dtype) + 0.5
-    v = torch.arange(height, device=a.device, dtype=a.dtype)[:, None] + 0.5
-    raw = (a[:, :, 1] * v + a[:, :, 2]) + a[:, :, 0] * u  # A (u, v, 1)^T, separable: [N, 6, H, W]
-    d = raw[:, :3]
-    # explicit sum of squares: vector_norm over the channel dim is ~20x slower on CPU here
-    return raw * (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]).rsqrt_()[:, None]
 
 
 def _bad_block(b: int, depth: int) -> int:

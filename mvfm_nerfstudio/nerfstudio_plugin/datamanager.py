@@ -8,11 +8,11 @@
   training data carry ``data["feature"]`` ``[h, w, D]`` float32, the whole image's feature
   map. It spans the full ``H x W`` image (``data["image"]``): cell ``(i, j)`` is centred at
   pixel ``((j + 0.5) W / w, (i + 0.5) H / h)``; upsample with
-  :func:`~mvfm_nerfstudio.nerfstudio_plugin.feature_store.resize_feature_map` (bilinear,
+  :func:`~mvfm_nerfstudio.feature_store.resize_feature_map` (bilinear,
   ``align_corners=False``) or render at ``h x w`` by scaling the camera with
   ``camera.rescale_output_resolution(...)``. ``data["feature_grid"]`` holds ``(h, w)``.
 
-Both build a :class:`~mvfm_nerfstudio.nerfstudio_plugin.feature_store.FeatureStore` from
+Both build a :class:`~mvfm_nerfstudio.feature_store.FeatureStore` from
 the training dataset (cameras converted from Nerfstudio's OpenGL convention to OpenCV,
 intrinsics in pixels of the images as loaded, i.e. after the dataparser's downscaling and
 ``camera_res_scale_factor``; the dataparser's recentring/rescaling of poses does not

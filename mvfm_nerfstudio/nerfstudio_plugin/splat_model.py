@@ -51,7 +51,7 @@ from torch.nn import Parameter
 from ..features import FeatureDisplay, PCABasis
 from ..geometry.cameras import opengl_to_opencv, to_homogeneous
 from .datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
-from .feature_store import resize_feature_map
+from ..feature_store import resize_feature_map
 from .features_model import _lazy_lpips, feature_loss
 from .rasterize import rasterize, sh_colors
 from .viewer_panels import FeaturePanels

@@ -38,11 +38,8 @@ from typing import Dict, List
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_real_scenes import DEFAULT_SCENES, SHARED_SCENES  # noqa: E402
 from common import print_table, write_json  # noqa: E402
-
-ROOT = Path(__file__).resolve().parents[1]
-SHARED_SCENES = ROOT.parent / "shared" / "data" / "scenes"
-DEFAULT_SCENES = ["llff_fern", "dtu_scan24_monosdf", "fox", "sevenscenes_redkitchen"]
 
 
 def adapters_for(scene: Path, args) -> Path:

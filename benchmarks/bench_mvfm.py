@@ -40,7 +40,10 @@ def build(backbone: str, mode: str, extra: Dict[str, object]):
 
 def make_inputs(views: int, size: int, patch: int):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-    from conftest import orbit_cameras
+    threads = torch.get_num_threads()
+    from conftest import orbit_cameras  # importing the test conftest sets the thread count: restore ours
+
+    torch.set_num_threads(threads)
 
     size = size // patch * patch
     images = torch.rand(1, views, 3, size, size)

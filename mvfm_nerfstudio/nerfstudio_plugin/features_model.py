@@ -145,6 +145,18 @@ def _lazy_lpips(enabled: bool) -> Iterator[None]:
         lpip_module.LearnedPerceptualImagePatchSimilarity = original
 
 
+class FeatureEvalImagesMixin:
+    """Evaluation metrics/images of both MVFM models (put before the Nerfstudio model in the bases):
+    no ``lpips`` metric unless ``config.compute_lpips``, plus the ``feature_pca`` image."""
+
+    def get_image_metrics_and_images(self, outputs, batch):
+        metrics, images = super().get_image_metrics_and_images(outputs, batch)  # type: ignore[misc]
+        if not self.config.compute_lpips:  # type: ignore[attr-defined]
+            metrics.pop("lpips", None)
+        images["feature_pca"] = outputs["feature_pca"]
+        return metrics, images
+
+
 @dataclass
 class MVFMFeaturesModelConfig(NerfactoModelConfig):
     """nerfacto + an MVFM feature field (the feature dimension comes from the datamanager's feature cache)."""
@@ -177,7 +189,7 @@ class MVFMFeaturesModelConfig(NerfactoModelConfig):
     """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
 
 
-class MVFMFeaturesModel(NerfactoModel):
+class MVFMFeaturesModel(FeatureEvalImagesMixin, NerfactoModel):
     """nerfacto with a feature field supervised by MVFM features (see the module docstring)."""
 
     config: MVFMFeaturesModelConfig
@@ -259,13 +271,6 @@ class MVFMFeaturesModel(NerfactoModel):
                 outputs["feature"], target, self.config.feature_loss
             )
         return loss_dict
-
-    def get_image_metrics_and_images(self, outputs, batch):
-        metrics, images = super().get_image_metrics_and_images(outputs, batch)
-        if not self.config.compute_lpips:
-            metrics.pop("lpips", None)
-        images["feature_pca"] = outputs["feature_pca"]
-        return metrics, images
 
     @torch.no_grad()
     def feature_at_ray(self, origin: torch.Tensor, direction: torch.Tensor, camera_index: int = 0) -> torch.Tensor:

@@ -52,7 +52,7 @@ from ..features import FeatureDisplay, PCABasis
 from ..geometry.cameras import opengl_to_opencv, to_homogeneous
 from .datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
 from ..feature_store import resize_feature_map
-from .features_model import _lazy_lpips, feature_loss
+from .features_model import FeatureEvalImagesMixin, _lazy_lpips, feature_loss
 from .rasterize import rasterize, sh_colors
 from .viewer_panels import FeaturePanels
 
@@ -133,7 +133,7 @@ class MVFMSplatModelConfig(SplatfactoModelConfig):
     """The same cap when training on CPU, where time per iteration grows with the count. None = no cap."""
 
 
-class MVFMSplatModel(SplatfactoModel):
+class MVFMSplatModel(FeatureEvalImagesMixin, SplatfactoModel):
     """Gaussian splatting with per-Gaussian latent features decoded to MVFM features (see the module docstring)."""
 
     config: MVFMSplatModelConfig
@@ -382,10 +382,3 @@ class MVFMSplatModel(SplatfactoModel):
                 pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]), self.config.feature_loss
             )
         return loss_dict
-
-    def get_image_metrics_and_images(self, outputs, batch):
-        metrics, images = super().get_image_metrics_and_images(outputs, batch)
-        if not self.config.compute_lpips:
-            metrics.pop("lpips", None)
-        images["feature_pca"] = outputs["feature_pca"]
-        return metrics, images

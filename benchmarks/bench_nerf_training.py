@@ -77,11 +77,11 @@ def make_trainer(config, seed: int):
 
     import numpy as np
 
-    from mvfm_nerfstudio.nerfstudio_plugin.features_model import _lazy_lpips
+    from mvfm_nerfstudio.nerfstudio_plugin.feature_head import deferred_lpips
 
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     trainer = config.setup(local_rank=0, world_size=1)
-    with _lazy_lpips(False):  # nerfacto builds LPIPS, which downloads AlexNet: not here
+    with deferred_lpips(False):  # nerfacto builds LPIPS, which downloads AlexNet: not here
         trainer.setup()
     return trainer
 

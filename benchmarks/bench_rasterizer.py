@@ -28,7 +28,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import print_table, time_interleaved, write_json  # noqa: E402
 
-from mvfm_nerfstudio.nerfstudio_plugin.rasterize import (  # noqa: E402
+from mvfm_nerfstudio.splatting import (  # noqa: E402
     composite_reference,
     project_gaussians,
     rasterize,
@@ -84,13 +84,13 @@ def trained_scene(config: str, camera_index: int = 0):
 
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from mvfm_nerfstudio.nerfstudio_plugin.rasterize import sh_colors
-    from mvfm_nerfstudio.nerfstudio_plugin.splat_model import world_to_camera_opencv
+    from mvfm_nerfstudio.geometry.cameras import invert_pose, opengl_to_opencv
+    from mvfm_nerfstudio.splatting import sh_colors
 
     _, pipeline, _, _ = eval_setup(_Path(config), test_mode="val")
     model = pipeline.model
     camera = pipeline.datamanager.train_dataset.cameras[camera_index:camera_index + 1]
-    viewmat = world_to_camera_opencv(camera.camera_to_worlds[0].float())
+    viewmat = invert_pose(opengl_to_opencv(camera.camera_to_worlds[0].float()))
     K = camera.get_intrinsics_matrices()[0].float()
     g = {k: v.detach() for k, v in model.gauss_params.items()}
     sh = torch.cat([g["features_dc"][:, None], g["features_rest"]], 1)

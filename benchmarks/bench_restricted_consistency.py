@@ -18,7 +18,7 @@ correspondences of the sets and over pairs with a held-out view. Training sets h
 knn with 3 neighbours IS global attention, hence 8-view sets.
 
 Part 2, whole-scene extraction groupings (how the feature store runs a scene): features of every
-view computed with each ``view_grouping`` of :func:`mvfm_nerfstudio.feature_store.group_views`
+view computed with each ``view_grouping`` of :func:`mvfm_nerfstudio.data.group_views`
 (``--views-per-set`` views per set; views in several sets averaged, as the store does; ``+pool2``:
 other views' keys/values 2x2-pooled), then
 Loc. Err. of those per-view features on the same held-out sets' correspondences, with the number
@@ -73,7 +73,7 @@ def attention_modes(neighbors: int) -> Dict[str, Dict[str, object]]:
 @torch.no_grad()
 def grouped_features(model, data, mode: str, views_per_set: int) -> "tuple[torch.Tensor, int]":
     """Per-view features ``[N, C, h, w]`` of the whole scene with a feature-store grouping; and view passes."""
-    from mvfm_nerfstudio.feature_store import group_views
+    from mvfm_nerfstudio.data import group_views
 
     n = len(data.scene)
     sets = group_views(data.cam_to_world.double(), views_per_set, mode)
@@ -106,7 +106,7 @@ def loc_err_of_view_features(features: torch.Tensor, data, sets) -> Dict[str, fl
 def run_scene(scene: Path, args) -> "tuple[List[dict], List[dict]]":
     from mvfm_nerfstudio.evaluation.evaluate import evaluate_sets
     from mvfm_nerfstudio.evaluation.runner import EvalConfig, model_from_checkpoint
-    from mvfm_nerfstudio.training import heldout_view_sets, prepare_scene
+    from mvfm_nerfstudio.data import heldout_view_sets, prepare_scene
 
     ckpt = adapters_for(scene, args)
     model, resolved = model_from_checkpoint(EvalConfig(scenes=(scene,), adapters=ckpt))

@@ -72,11 +72,11 @@ def add_point_cloud(scene: Path) -> None:
 def evaluate(config: Path) -> dict:
     from nerfstudio.utils.eval_utils import eval_setup
 
-    from mvfm_nerfstudio.nerfstudio_plugin.splat_model import resample_to_grid
+    from mvfm_nerfstudio.geometry.feature_grid import resize_map
 
     _, pipeline, _, step = eval_setup(config, test_mode="val")
     model, dm = pipeline.model, pipeline.datamanager
-    from mvfm_nerfstudio.data.scene import read_label_file
+    from mvfm_nerfstudio.data.files import read_label_file
 
     psnr, psnr_fg, render_s = [], [], []
     for i in range(len(dm.eval_dataset)):
@@ -94,7 +94,7 @@ def evaluate(config: Path) -> dict:
     for i in range(len(dm.train_dataset)):
         out = model.get_outputs_for_camera(dm.train_dataset.cameras[i:i + 1])
         target = dm.feature_store.feature_map(i).float()
-        pred = resample_to_grid(out["feature"], tuple(target.shape[:2]))
+        pred = resize_map(out["feature"], tuple(target.shape[:2]))
         cos.append(float(torch.nn.functional.cosine_similarity(pred, target, dim=-1).mean()))
     return {"step": step, "gaussians": model.num_points, "eval_psnr": sum(psnr) / len(psnr),
             "eval_psnr_non_sky": sum(psnr_fg) / len(psnr_fg),

@@ -14,18 +14,13 @@ from ._compat import check_timm_version
 check_timm_version()
 
 from ._version import __version__  # noqa: E402
-from .backbones import (  # noqa: E402
-    BackboneSpec,
-    CheckpointMismatchError,
-    ImageSizeError,
-    UnknownBackboneError,
-    WeightsUnavailableError,
-    create_backbone,
-    get_backbone_spec,
-    list_backbones,
-)
+from .backbones.registry import BackboneSpec, UnknownBackboneError, get_backbone_spec, list_backbones  # noqa: E402
+from .backbones.vit import ImageSizeError, create_backbone  # noqa: E402
+from .errors import CheckpointMismatchError, SceneError, WeightsUnavailableError  # noqa: E402
 from .geometry.cameras import CameraError  # noqa: E402
-from .models.mvfm import MultiViewFoundationModel, MVFMConfig, create_mvfm  # noqa: E402
+from .models.build import ModelSpec, build_model, create_mvfm  # noqa: E402
+from .models.config import MVFMConfig  # noqa: E402
+from .models.mvfm import MultiViewFoundationModel  # noqa: E402
 
 __all__ = [
     "__version__",
@@ -34,9 +29,12 @@ __all__ = [
     "CheckpointMismatchError",
     "ImageSizeError",
     "MVFMConfig",
+    "ModelSpec",
     "MultiViewFoundationModel",
+    "SceneError",
     "UnknownBackboneError",
     "WeightsUnavailableError",
+    "build_model",
     "create_backbone",
     "create_mvfm",
     "get_backbone_spec",

@@ -3,6 +3,7 @@
 * :class:`PCABasis` / :func:`fit_pca`: a fixed linear projection of features (to D dims
   for caches, or to 3 dims + fixed colour range for display, so renders never flicker);
 * :func:`cosine_similarity` and :func:`segment`: query-feature similarity maps and masks;
+  :func:`overlay_mask` tints a mask over an image (:data:`MASK_COLOR`);
 * :class:`FeatureDisplay`: an ``nn.Module`` holding a display basis, a query feature and a
   threshold, turning a rendered feature image into ``feature_pca``/``similarity``/
   ``segmentation`` outputs (used by the Nerfstudio models; no Nerfstudio import here).
@@ -11,13 +12,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PCABasis", "fit_pca", "cosine_similarity", "segment", "FeatureDisplay"]
+__all__ = ["PCABasis", "fit_pca", "cosine_similarity", "segment", "overlay_mask", "MASK_COLOR", "FeatureDisplay"]
+
+MASK_COLOR = (1.0, 0.25, 0.1)
+"""RGB tint of segmentation overlays (``mvfm-segment``'s overview and the viewer's ``segmentation_overlay``)."""
 
 
 @dataclass
@@ -93,6 +97,16 @@ def cosine_similarity(features: torch.Tensor, query: torch.Tensor) -> torch.Tens
 def segment(similarity: torch.Tensor, threshold: float) -> torch.Tensor:
     """Binary mask (float 0/1, same shape) where similarity >= threshold."""
     return (similarity >= threshold).to(similarity.dtype)
+
+
+def overlay_mask(rgb: torch.Tensor, mask: torch.Tensor, alpha: float = 0.55,
+                 color: Tuple[float, float, float] = MASK_COLOR) -> torch.Tensor:
+    """Tint ``rgb [..., 3]`` (in [0, 1]) by ``color`` where ``mask [...]`` or ``[..., 1]`` (0/1 or bool)."""
+    m = mask.to(rgb.dtype)
+    if m.ndim == rgb.ndim - 1:
+        m = m[..., None]
+    a = alpha * m
+    return rgb * (1 - a) + rgb.new_tensor(color) * a
 
 
 class FeatureDisplay(nn.Module):

@@ -14,12 +14,12 @@ from mvfm_nerfstudio.data import (
     correspondences_from_depth,
     correspondences_from_tracks,
     load_scene,
-    project_points,
     sample_view_sets,
     shared_counts,
     split_views,
 )
 from mvfm_nerfstudio.data.generator import build_scene, orbit_cameras, render_view, tiny_config
+from mvfm_nerfstudio.geometry.cameras import project_points
 
 
 def nearest(maps: torch.Tensor, view: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:

@@ -19,9 +19,9 @@ from mvfm_nerfstudio.data import (
     read_nerfstudio_scene,
     sample_view_sets,
     split_views,
-    undistort_pixels,
 )
 from mvfm_nerfstudio.geometry.cameras import opencv_to_opengl
+from mvfm_nerfstudio.geometry.distortion import undistort_pixels
 
 # name: (views, {(H, W)}, observations in colmap_knownposes, mean reprojection error stated in scene.json)
 REAL_SCENES = {

@@ -6,7 +6,7 @@ import torch
 
 from mvfm_nerfstudio.data import Correspondences as C
 
-from mvfm_nerfstudio.evaluation.grid import (
+from mvfm_nerfstudio.geometry.feature_grid import (
     cell_centers,
     normalized_to_pixel,
     pixel_to_normalized,

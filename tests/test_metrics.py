@@ -8,7 +8,7 @@ import torch
 
 from mvfm_nerfstudio.data import Correspondences as C
 
-from mvfm_nerfstudio.evaluation.grid import cell_centers, normalized_to_pixel
+from mvfm_nerfstudio.geometry.feature_grid import cell_centers, normalized_to_pixel
 from mvfm_nerfstudio.evaluation.metrics import (
     base_similarity,
     bin_by_angle,

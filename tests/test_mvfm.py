@@ -7,7 +7,8 @@ import torch
 
 from conftest import orbit_cameras, randomize_adapters
 from mvfm_nerfstudio import CameraError, ImageSizeError, MVFMConfig, create_mvfm, list_backbones
-from mvfm_nerfstudio.models.attention import CrossViewAttention, all_other_views, select_neighbor_views
+from mvfm_nerfstudio.geometry.cameras import select_neighbor_views
+from mvfm_nerfstudio.models.attention import CrossViewAttention, all_other_views
 from test_geometry import apply_similarity, random_rigid
 
 H, W = 56, 84  # non-square, multiple of 14; for patch-16 backbones use 64 x 96

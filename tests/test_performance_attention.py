@@ -12,7 +12,8 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from conftest import orbit_cameras, randomize_adapters
 from mvfm_nerfstudio import create_mvfm
 from mvfm_nerfstudio.geometry.cameras import normalize_cameras, plucker_ray_map, plucker_rays
-from mvfm_nerfstudio.models.attention import CrossViewAttention, select_neighbor_views
+from mvfm_nerfstudio.geometry.cameras import select_neighbor_views
+from mvfm_nerfstudio.models.attention import CrossViewAttention
 
 
 def reference_neighbourhood(attn: CrossViewAttention, x, grid, neighbors, kv_pool):

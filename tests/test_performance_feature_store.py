@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from conftest import orbit_cameras, randomize_adapters
-from mvfm_nerfstudio import create_mvfm
-from mvfm_nerfstudio.feature_store import FeatureStore, group_views
+from mvfm_nerfstudio import build_model, create_mvfm
+from mvfm_nerfstudio.data import group_views
+from mvfm_nerfstudio.feature_store import FeatureStore
+from mvfm_nerfstudio.feature_store.extract import load_resized
 from test_plugin_feature_store import H, N, W, _config, _source, _write_images
 
 
@@ -45,10 +47,10 @@ def test_scene_grouping_runs_one_knn_pass_over_all_views(tmp_path, kv_pool):
     store = FeatureStore(cfg, _source(paths)).prepare()
     assert store.mvfm_forwards == 1 and store.meta["view_sets"] == [list(range(N))]
 
-    built = store._build_model()
+    built = build_model(cfg, **cfg.attention_options())
     assert (built.config.attention, built.config.num_neighbors, built.config.kv_pool) == ("knn", 2, kv_pool)
-    size = store._input_size(built.patch_size)
-    xs, ks = zip(*(store._load_resized(i, size) for i in range(N)))
+    size = (store.grid[0] * built.patch_size, store.grid[1] * built.patch_size)
+    xs, ks = zip(*(load_resized(store.views, i, size) for i in range(N)))
     x = (torch.stack(xs) * 255).round() / 255  # the store keeps resized inputs as uint8
     with torch.no_grad():
         expected = built(x[None], torch.stack(ks)[None], store.views.cam_to_world.float()[None])[0]

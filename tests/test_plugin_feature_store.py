@@ -11,15 +11,11 @@ import torch
 from PIL import Image
 
 from conftest import orbit_cameras, randomize_adapters
-from mvfm_nerfstudio import create_mvfm
-from mvfm_nerfstudio.feature_store import (
-    FeatureStore,
-    FeatureStoreConfig,
-    ViewSource,
-    feature_grid,
-    group_views,
-    resize_feature_map,
-)
+from mvfm_nerfstudio import build_model, create_mvfm
+from mvfm_nerfstudio.data import group_views
+from mvfm_nerfstudio.feature_store import FeatureStore, FeatureStoreConfig, ViewSource
+from mvfm_nerfstudio.feature_store.extract import load_resized
+from mvfm_nerfstudio.geometry.feature_grid import grid_for_long_side, resize_map
 
 N, H, W = 6, 45, 60
 
@@ -83,9 +79,9 @@ def test_views_in_several_sets_get_the_average_of_their_set_features(scene, tmp_
     sets = store.meta["view_sets"]
     assert store.mvfm_forwards == len(sets) and max(sum(v in s for s in sets) for v in range(N)) > 1
 
-    built = store._build_model()
-    size = store._input_size(built.patch_size)
-    xs, ks = zip(*(store._load_resized(i, size) for i in range(N)))
+    built = build_model(cfg, **cfg.attention_options())
+    size = (store.grid[0] * built.patch_size, store.grid[1] * built.patch_size)
+    xs, ks = zip(*(load_resized(store.views, i, size) for i in range(N)))
     x = (torch.stack(xs) * 255).round() / 255  # the store keeps resized inputs as uint8
     k, c2w = torch.stack(ks), store.views.cam_to_world.float()
     total, count = torch.zeros(N, *store.grid, built.feature_dim), torch.zeros(N)
@@ -142,7 +138,7 @@ def test_sampling_is_bilinear_with_pixel_centres(scene, tmp_path):
     _, paths = scene
     store = FeatureStore(_config(tmp_path), _source(paths))
     h, w = store.grid
-    assert (h, w) == feature_grid(H, W, 6) == (4, 6)
+    assert (h, w) == grid_for_long_side((H, W), 6) == (4, 6)
     # channel 0 = cell column, channel 1 = cell row: interpolation reproduces the continuous grid coordinate
     cols, rows = np.meshgrid(np.arange(w), np.arange(h))
     ramp = np.zeros((N, h, w, 2), np.float16)
@@ -154,15 +150,15 @@ def test_sampling_is_bilinear_with_pixel_centres(scene, tmp_path):
     gy = ((pix[:, 1] + 0.5) / H * h - 0.5).clamp(0, h - 1)
     assert torch.allclose(got, torch.stack([gx, gy], -1).float(), atol=1e-6)
     # the full-image upsampling uses the same mapping
-    up = resize_feature_map(torch.from_numpy(ramp[3].astype(np.float32)), (H, W))
+    up = resize_map(torch.from_numpy(ramp[3].astype(np.float32)), (H, W))
     assert torch.allclose(up[10, 20], got[2], atol=1e-5)
 
 
 def test_resized_intrinsics_keep_pixel_rays(scene, tmp_path):
     _, paths = scene
     store = FeatureStore(_config(tmp_path), _source(paths))
-    size = store._input_size(14)
-    img, k_new = store._load_resized(1, size)
+    size = (store.grid[0] * 14, store.grid[1] * 14)
+    img, k_new = load_resized(store.views, 1, size)
     assert img.shape == (3, *size)
     k = store.views.intrinsics[1].double()
     u, v = torch.tensor([0.5, 40.5], dtype=torch.float64), torch.tensor([0.5, 20.5], dtype=torch.float64)  # pixel centres of the resized image

@@ -18,15 +18,11 @@ from nerfstudio.data.scene_box import SceneBox  # noqa: E402
 from nerfstudio.engine.optimizers import Optimizers  # noqa: E402
 
 from mvfm_nerfstudio.features import fit_pca  # noqa: E402
-from mvfm_nerfstudio.geometry.cameras import opencv_to_opengl  # noqa: E402
-from mvfm_nerfstudio.nerfstudio_plugin.datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY  # noqa: E402
+from mvfm_nerfstudio.geometry.cameras import invert_pose, opencv_to_opengl, opengl_to_opencv  # noqa: E402
+from mvfm_nerfstudio.geometry.feature_grid import resize_map  # noqa: E402
+from mvfm_nerfstudio.nerfstudio_plugin.feature_head import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY  # noqa: E402
 from mvfm_nerfstudio.nerfstudio_plugin.splat_method import mvfm_splat_config  # noqa: E402
-from mvfm_nerfstudio.nerfstudio_plugin.splat_model import (  # noqa: E402
-    MVFMSplatModel,
-    MVFMSplatModelConfig,
-    resample_to_grid,
-    world_to_camera_opencv,
-)
+from mvfm_nerfstudio.nerfstudio_plugin.splat_model import MVFMSplatModel, MVFMSplatModelConfig  # noqa: E402
 
 from conftest import look_at_opencv  # noqa: E402
 
@@ -83,7 +79,7 @@ def test_param_groups_all_have_optimizers_and_latents_are_gaussian_params():
 
 def test_opengl_camera_converts_to_opencv_viewmat():
     cam = camera_at((3.0, 0.5, 1.0), target=(0.2, -0.1, 0.3))
-    viewmat = world_to_camera_opencv(cam.camera_to_worlds[0])
+    viewmat = invert_pose(opengl_to_opencv(cam.camera_to_worlds[0]))
     target_cam = viewmat @ torch.tensor([0.2, -0.1, 0.3, 1.0])
     assert abs(float(target_cam[0])) < 1e-5 and abs(float(target_cam[1])) < 1e-5 and float(target_cam[2]) > 0
     centre_cam = viewmat @ torch.tensor([3.0, 0.5, 1.0, 1.0])
@@ -240,14 +236,14 @@ def test_feature_loss_compares_at_pixel_centre_correct_positions():
     width, height, grid = 64, 32, (4, 8)
     xs = (torch.arange(width) + 0.5).float()
     ramp = xs[None, :, None].expand(height, width, 1)
-    cells = resample_to_grid(ramp, grid)[..., 0]
+    cells = resize_map(ramp, grid)[..., 0]
     expected = (torch.arange(grid[1]) + 0.5) * width / grid[1]
     torch.testing.assert_close(cells[1:-1, 1:-1], expected[1:-1].expand(grid[0] - 2, -1), atol=1e-4, rtol=0)
 
     model = make_model(feature_loss_resolution="grid")
     model.eval()
     out = model.get_outputs_for_camera(camera_at((2.0, 0.3, 0.8)))
-    target = resample_to_grid(out["feature"], grid)
+    target = resize_map(out["feature"], grid)
     batch = {"image": out["rgb"], "feature": target}
     assert float(model.get_loss_dict(out, batch)["feature_loss"]) < 1e-10
     batch["feature"] = target + 1.0

@@ -11,7 +11,7 @@ import math
 import pytest
 import torch
 
-from mvfm_nerfstudio.nerfstudio_plugin.rasterize import (
+from mvfm_nerfstudio.splatting import (
     ALPHA_MAX,
     ALPHA_MIN,
     T_MIN,

@@ -26,16 +26,15 @@ from PIL import Image
 
 from mvfm_nerfstudio.data import load_scene
 from mvfm_nerfstudio.features import PCABasis
+from mvfm_nerfstudio.geometry.feature_grid import resize_map, sample_map
 from mvfm_nerfstudio.segmentation import (
     QueryFeature,
-    _query_in_space,
     load_query,
     mask_iou,
     otsu_threshold,
-    sample_feature,
+    query_in_space,
     save_query,
     segment_views,
-    upsample_map,
 )
 
 SKY_QUERY = (64, 2)  # (column, row) of view 0: sky in the tiny generated scene (checked below)
@@ -128,7 +127,7 @@ def _oracle_object_ious(scene, ids: torch.Tensor, grid, shift: int = 0):
     for k in range(1, maps.shape[-1]):
         view = int((ids == k).flatten(1).sum(1).argmax())
         x, y = _interior_pixel(ids[view] == k)
-        query = sample_feature(maps[view], torch.tensor([x + 0.5, y + 0.5]), (h_img, w_img))
+        query = sample_map(maps[view], torch.tensor([x + 0.5, y + 0.5]), (h_img, w_img))
         seg = segment_views(list(maps), scene.image_sizes, query)
         assert bool(seg.mask(view)[y, x]) or shift
         result[k] = float(np.mean([mask_iou(seg.mask(i), ids[i] == k) for i in range(n)
@@ -154,17 +153,17 @@ def test_sampling_and_upsampling_share_the_pixel_centre_convention():
     # cell (i, j) is centred at pixel ((j + 0.5) W / w, (i + 0.5) H / h)
     for i, j in ((0, 0), (2, 5), (5, 7)):
         xy = torch.tensor([(j + 0.5) * 80 / 8, (i + 0.5) * 48 / 6])
-        assert torch.allclose(sample_feature(fmap, xy, size), fmap[i, j], atol=1e-5)
+        assert torch.allclose(sample_map(fmap, xy, size), fmap[i, j], atol=1e-5)
     # identical to the feature store's memory-mapped sampler
     store = FeatureStore.__new__(FeatureStore)
     store.features = fmap[None].numpy()
     store.views = type("V", (), {"image_sizes": torch.tensor([list(size)])})()
     xy = torch.rand(50, 2) * torch.tensor([80.0, 48.0])
     expected = store.sample(torch.zeros(50, dtype=torch.long), xy.double())
-    assert torch.allclose(sample_feature(fmap, xy, size), expected, atol=1e-5)
+    assert torch.allclose(sample_map(fmap, xy, size), expected, atol=1e-5)
     # and the upsampled map holds each cell's value at the cell's centre pixel (5x5 pixels per cell: the centre
     # (i + 0.5) * 5 is the centre of pixel row 5 i + 2)
-    up = upsample_map(fmap[..., 0], (30, 40))
+    up = resize_map(fmap[..., 0], (30, 40))
     assert torch.allclose(up[torch.arange(6) * 5 + 2][:, torch.arange(8) * 5 + 2], fmap[..., 0], atol=1e-5)
 
 
@@ -199,20 +198,20 @@ def test_query_files_round_trip_and_move_between_feature_spaces(tmp_path):
     save_query(path, QueryFeature(q_a, a.unproject(q_a), {"backbone": "x", "feature_space": "A", "reduced": "1"}))
     loaded = load_query(path)
     assert torch.equal(loaded.query, q_a) and loaded.metadata["feature_space"] == "A"
-    assert torch.equal(_query_in_space(loaded, "A", "x", d, a, "q"), q_a)  # same space: unchanged
-    moved = _query_in_space(loaded, "B", "x", d, b, "q")  # other space: through the full feature
+    assert torch.equal(query_in_space(loaded, "A", "x", d, a, "q"), q_a)  # same space: unchanged
+    moved = query_in_space(loaded, "B", "x", d, b, "q")  # other space: through the full feature
     assert torch.allclose(moved, b.project(a.unproject(q_a)), atol=1e-5)
     with pytest.raises(ValueError, match="backbone 'x'"):
-        _query_in_space(loaded, "B", "y", d, b, "q")
+        query_in_space(loaded, "B", "y", d, b, "q")
     bare = QueryFeature(q_a, None, {"backbone": "x", "feature_space": "A", "reduced": "1"})
     with pytest.raises(ValueError, match="query_full"):
-        _query_in_space(bare, "B", "x", d, b, "q")
+        query_in_space(bare, "B", "x", d, b, "q")
     unreduced = QueryFeature(full, None, {"backbone": "x", "feature_space": "C", "reduced": "0"})
-    assert torch.allclose(_query_in_space(unreduced, "B", "x", d, b, "q"), b.project(full))
-    assert torch.equal(_query_in_space(unreduced, "D", "x", d_full, None, "q"), full)
-    assert torch.equal(_query_in_space(QueryFeature(q_a, None, {}), "B", "x", d, b, "q"), q_a)  # bare file
+    assert torch.allclose(query_in_space(unreduced, "B", "x", d, b, "q"), b.project(full))
+    assert torch.equal(query_in_space(unreduced, "D", "x", d_full, None, "q"), full)
+    assert torch.equal(query_in_space(QueryFeature(q_a, None, {}), "B", "x", d, b, "q"), q_a)  # bare file
     with pytest.raises(ValueError, match="has 4 channels"):
-        _query_in_space(QueryFeature(q_a, None, {}), "D", "x", d_full, None, "q")
+        query_in_space(QueryFeature(q_a, None, {}), "D", "x", d_full, None, "q")
     from safetensors.torch import save_file
 
     save_file({"feature": q_a}, str(tmp_path / "bad.safetensors"))
@@ -238,7 +237,8 @@ def test_cli_errors_name_the_bad_query(scene, tmp_path, args, message):
 
 
 def test_overview_marks_the_query_and_subsamples_many_views():
-    from mvfm_nerfstudio.segmentation import _overview_views, overview_image
+    from mvfm_nerfstudio.segmentation import overview_image
+    from mvfm_nerfstudio.segmentation.tool import _overview_views
 
     assert _overview_views(5, 48, 2) == [0, 1, 2, 3, 4]
     picked = _overview_views(300, 10, 123)

@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 from mvfm_nerfstudio import create_mvfm
 from mvfm_nerfstudio.training import Trainer, adapt_to_scene
 from mvfm_nerfstudio.training.config import TrainConfig, config_from_dict, list_presets, load_preset
-from mvfm_nerfstudio.training.trainer import latest_checkpoint, torch_threads
+from mvfm_nerfstudio.training.trainer import latest_checkpoint
+from mvfm_nerfstudio.utils.runtime import torch_threads
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,9 @@ OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 Family = Literal["vit", "eva", "sam"]
 
+DEFAULT_BACKBONE = "dinov2_vits14_reg"
+"""The backbone every tool uses unless told otherwise: DINOv2 ViT-S/14 with registers, the paper's main model."""
+
 
 class UnknownBackboneError(KeyError):
     """Raised for a backbone name that is not registered."""

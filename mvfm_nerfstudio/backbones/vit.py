@@ -29,13 +29,12 @@ from urllib.parse import urlparse
 import torch
 import torch.nn as nn
 
+from ..errors import CheckpointMismatchError, WeightsUnavailableError
 from .registry import BackboneSpec, get_backbone_spec
 
 __all__ = [
     "FoundationBackbone",
     "TokenContext",
-    "WeightsUnavailableError",
-    "CheckpointMismatchError",
     "ImageSizeError",
     "create_backbone",
     "WeightsSource",
@@ -44,14 +43,6 @@ __all__ = [
 logger = logging.getLogger(__name__)
 
 WeightsSource = Union[str, os.PathLike]
-
-
-class WeightsUnavailableError(RuntimeError):
-    """The requested backbone weights cannot be obtained (offline, missing file, ...)."""
-
-
-class CheckpointMismatchError(ValueError):
-    """A weights file or adapter checkpoint does not fit the model it is loaded into."""
 
 
 class ImageSizeError(ValueError):

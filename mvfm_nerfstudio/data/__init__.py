@@ -11,7 +11,9 @@
 No Nerfstudio imports here (the plugin builds on this package, not the reverse).
 """
 
-from .correspondences import Correspondences, correspondences_from_depth, correspondences_from_tracks, project_points
+from ..errors import SceneError
+from .correspondences import Correspondences, correspondences_from_depth, correspondences_from_tracks
+from .files import read_depth_file, read_image, read_image_size, read_label_file
 from .generator import SceneGeneratorConfig, make_scene
 from .readers import (
     attach_colmap_tracks,
@@ -21,28 +23,39 @@ from .readers import (
     read_colmap_scene,
     read_nerfstudio_scene,
 )
-from .sampling import sample_view_sets, shared_counts, split_views
-from .scene import PosedScene, SceneError, Tracks, ViewBatch, undistort_pixels
+from .sampling import GROUPINGS, group_views, sample_view_sets, shared_counts, split_views
+from .scene import PosedScene, Tracks, ViewBatch
+from .scene_data import SceneData, SceneLike, ViewSet, build_view_sets, heldout_view_sets, prepare_scene
 
 __all__ = [
     "Correspondences",
+    "GROUPINGS",
     "PosedScene",
+    "SceneData",
     "SceneError",
     "SceneGeneratorConfig",
+    "SceneLike",
     "Tracks",
     "ViewBatch",
+    "ViewSet",
     "attach_colmap_tracks",
+    "build_view_sets",
     "correspondences_from_depth",
     "correspondences_from_tracks",
     "find_colmap_model",
+    "group_views",
+    "heldout_view_sets",
     "load_scene",
     "make_scene",
-    "project_points",
+    "prepare_scene",
     "read_colmap_model",
     "read_colmap_scene",
+    "read_depth_file",
+    "read_image",
+    "read_image_size",
+    "read_label_file",
     "read_nerfstudio_scene",
     "sample_view_sets",
     "shared_counts",
     "split_views",
-    "undistort_pixels",
 ]

@@ -22,9 +22,12 @@ from typing import Dict, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 
-from .scene import IndexLike, PosedScene, SceneError, Size, _as_index_list, undistort_pixels
+from ..errors import SceneError
+from ..geometry.cameras import project_points, unproject_pixels
+from ..geometry.distortion import undistort_pixels
+from .scene import IndexLike, PosedScene, Size, _as_index_list
 
-__all__ = ["Correspondences", "correspondences_from_tracks", "correspondences_from_depth", "project_points"]
+__all__ = ["Correspondences", "correspondences_from_tracks", "correspondences_from_depth"]
 
 
 @dataclass
@@ -213,24 +216,6 @@ def correspondences_from_tracks(
     )
 
 
-def project_points(
-    points: torch.Tensor, intrinsics: torch.Tensor, cam_to_world: torch.Tensor
-) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Project world points ``[P, 3]`` into one camera (``[3, 3]``, ``[4, 4]``) or several (``[S, 3, 3]``,
-    ``[S, 4, 4]``, OpenCV camera-to-world).
-
-    Returns:
-        ``(xy [..., P, 2], z [..., P])`` float64: pixel coordinates (pixel-centre convention) and
-        z-depth. Points with ``z <= 1e-9`` (behind the camera) get meaningless ``xy``; test ``z`` first.
-    """
-    w2c = torch.linalg.inv(cam_to_world.double())
-    cam = points.double() @ w2c[..., :3, :3].transpose(-1, -2) + w2c[..., None, :3, 3]
-    z = cam[..., 2]
-    pix = cam @ intrinsics.double().transpose(-1, -2)
-    xy = pix[..., :2] / torch.where(z > 1e-9, z, torch.ones_like(z)).unsqueeze(-1)
-    return xy, z
-
-
 def _sample_depths(
     flat: torch.Tensor, offsets: torch.Tensor, sizes: torch.Tensor, view: torch.Tensor, xy: torch.Tensor
 ) -> torch.Tensor:
@@ -309,8 +294,7 @@ def correspondences_from_depth(
             continue
         pix = torch.stack([cc.flatten()[ok] + 0.5, rr.flatten()[ok] + 0.5], dim=-1).double()
         z = z[ok]
-        rays = torch.cat([pix, torch.ones_like(pix[:, :1])], dim=-1) @ torch.linalg.inv(ks[a]).T
-        world = (rays * z.unsqueeze(-1)) @ c2ws[a, :3, :3].T + c2ws[a, :3, 3]
+        world = unproject_pixels(pix, z, ks[a], c2ws[a])
         xy, zb = project_points(world, ks, c2ws)  # [S, P, 2], [S, P]
         hb, wb = sizes[:, 0:1].double(), sizes[:, 1:2].double()
         inside = (zb > 1e-9) & (xy[..., 0] >= 0) & (xy[..., 0] < wb) & (xy[..., 1] >= 0) & (xy[..., 1] < hb)

@@ -42,8 +42,9 @@ from typing import Dict, List, Tuple
 import numpy as np
 import torch
 
-from ..geometry.cameras import camera_rays, opencv_to_opengl
-from .scene import SceneError, single_threaded
+from ..errors import SceneError
+from ..geometry.cameras import camera_rays, look_at, opencv_to_opengl, invert_pose, pixel_directions
+from ..utils.runtime import single_threaded
 
 __all__ = [
     "SceneGeneratorConfig",
@@ -422,18 +423,6 @@ def build_scene(config: SceneGeneratorConfig) -> ProceduralScene:
     return ProceduralScene(objects, light / np.linalg.norm(light), config.ambient, config.shadows, noise)
 
 
-def _look_at(center: np.ndarray, target: np.ndarray) -> np.ndarray:
-    """OpenCV cam-to-world looking from ``center`` at ``target`` with world +z up."""
-    z = target - center
-    z = z / np.linalg.norm(z)
-    x = np.cross(z, [0.0, 0.0, 1.0])
-    x = x / np.linalg.norm(x)
-    y = np.cross(z, x)
-    m = np.eye(4)
-    m[:3, 0], m[:3, 1], m[:3, 2], m[:3, 3] = x, y, z, center
-    return m
-
-
 def orbit_cameras(config: SceneGeneratorConfig) -> Tuple[torch.Tensor, torch.Tensor]:
     """``(intrinsics [3, 3], cam_to_world [N, 4, 4])`` float64, OpenCV, for ``config`` (seeded)."""
     if config.num_views < 1:
@@ -455,8 +444,8 @@ def orbit_cameras(config: SceneGeneratorConfig) -> Tuple[torch.Tensor, torch.Ten
         r = config.orbit_radius * (1 + config.radius_jitter * rng.uniform(-1, 1))
         target = base + config.look_at_jitter * rng.uniform(-1, 1, 3)
         center = base + r * np.array([math.cos(el) * math.cos(az), math.cos(el) * math.sin(az), math.sin(el)])
-        poses.append(_look_at(center, target))
-    return k, torch.from_numpy(np.stack(poses))
+        poses.append(look_at(torch.from_numpy(center), torch.from_numpy(target)))
+    return k, torch.stack(poses)
 
 
 def render_view(
@@ -500,8 +489,7 @@ def _render_view(
             oy, ox = torch.meshgrid(offs, offs, indexing="ij")
             u = (cols.double().unsqueeze(-1) + ox.flatten()).flatten()
             v = (rows.double().unsqueeze(-1) + oy.flatten()).flatten()
-            cam = torch.stack([u, v, torch.ones_like(u)], -1) @ torch.linalg.inv(k).T
-            d2 = cam @ c2w[:3, :3].T
+            d2 = pixel_directions(torch.stack([u, v], -1), k, c2w)
             d2 = d2 / d2.norm(dim=-1, keepdim=True)
             o2 = c2w[:3, 3].expand_as(d2)
             sub = torch.cat([scene.shade(o2[i:i + chunk], d2[i:i + chunk])["rgb"] for i in range(0, d2.shape[0], chunk)])
@@ -581,7 +569,7 @@ def _write_colmap(out: Path, k: torch.Tensor, c2w: torch.Tensor, h: int, w: int,
     for j, name in enumerate(names):
         kp = np.asarray(per_image[j], dtype=np.float64).reshape(-1, 2)
         image = pycolmap.Image(name=name, keypoints=kp, camera_id=1, image_id=j + 1)
-        w2c = np.linalg.inv(c2w[j].numpy())
+        w2c = invert_pose(c2w[j]).numpy()
         rec.add_image_with_trivial_frame(image, pycolmap.Rigid3d(w2c[:3, :4]))
     for (xyz, rgb, _), el in zip(tracks, elements):
         track = pycolmap.Track([pycolmap.TrackElement(j + 1, idx) for j, idx in el])

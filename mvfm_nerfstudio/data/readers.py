@@ -24,8 +24,10 @@ from typing import Dict, List, Optional, Tuple, Union
 import numpy as np
 import torch
 
-from ..geometry.cameras import opengl_to_opencv
-from .scene import PosedScene, SceneError, Tracks, read_image_size
+from ..errors import SceneError
+from ..geometry.cameras import invert_pose, opengl_to_opencv
+from .files import read_image_size
+from .scene import PosedScene, Tracks
 
 __all__ = [
     "COLMAP_MODEL_DIRS",
@@ -83,6 +85,74 @@ def _num(frame: dict, meta: dict, key: str, where: str, default=None) -> Optiona
     return value
 
 
+def _read_transforms(path: Path) -> Tuple[Path, dict, List[dict]]:
+    """``(transforms.json path, its contents, frames sorted like Nerfstudio's dataparser)``."""
+    json_path = path if path.suffix == ".json" else path / "transforms.json"
+    if not json_path.is_file():
+        raise SceneError(f"{json_path} does not exist; expected a Nerfstudio scene folder with transforms.json")
+    try:
+        meta = json.loads(json_path.read_text())
+    except json.JSONDecodeError as err:
+        raise SceneError(f"{json_path} is not valid JSON: {err}") from None
+    frames = meta.get("frames")
+    if not isinstance(frames, list) or not frames:
+        raise SceneError(f"{json_path} has no frames (empty scene)")
+    for i, frame in enumerate(frames):
+        if "file_path" not in frame or "transform_matrix" not in frame:
+            raise SceneError(f"{json_path}: frame {i} needs 'file_path' and 'transform_matrix'")
+    # Nerfstudio sorts frames by file name; so do we, so indices agree with its dataparser.
+    root = json_path.parent
+    return json_path, meta, sorted(frames, key=lambda f: str(root / f["file_path"]))
+
+
+def _frame_camera(frame: dict, meta: dict, image_path: Path, where: str):
+    """``(K [3][3], (h, w), (k1, k2, p1, p2))`` of one frame (per-frame values override the global ones)."""
+    model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()
+    if model not in _SUPPORTED_NS_MODELS:
+        raise SceneError(f"{where}: camera_model {model} is not supported (supported: {_SUPPORTED_NS_MODELS})")
+    for extra in ("k3", "k4"):
+        if abs(_num(frame, meta, extra, where, 0.0)) > 0:
+            raise SceneError(f"{where}: distortion coefficient {extra} is not supported (OPENCV k1,k2,p1,p2 only)")
+    if "distortion_params" in frame or "distortion_params" in meta:
+        raise SceneError(f"{where}: 'distortion_params' is not supported; use k1, k2, p1, p2")
+    w, h = _num(frame, meta, "w", where), _num(frame, meta, "h", where)
+    if w is None or h is None:
+        hh, ww = read_image_size(image_path)
+        w, h = w or ww, h or hh
+    fx = _num(frame, meta, "fl_x", where)
+    fy = _num(frame, meta, "fl_y", where)
+    if fx is None:
+        angle = _num(frame, meta, "camera_angle_x", where)
+        if angle is None:
+            raise SceneError(f"{where}: no focal length (fl_x or camera_angle_x)")
+        fx = 0.5 * w / math.tan(0.5 * angle)
+    if fy is None:
+        angle_y = _num(frame, meta, "camera_angle_y", where)
+        fy = 0.5 * h / math.tan(0.5 * angle_y) if angle_y is not None else fx
+    cx = _num(frame, meta, "cx", where, w / 2.0)
+    cy = _num(frame, meta, "cy", where, h / 2.0)
+    k = [[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]]
+    return k, (int(round(h)), int(round(w))), [_num(frame, meta, c, where, 0.0) for c in ("k1", "k2", "p1", "p2")]
+
+
+def _frame_pose(frame: dict, where: str) -> np.ndarray:
+    """OpenGL camera-to-world ``[4, 4]`` of one frame (``transform_matrix``, 4x4 or 3x4)."""
+    mat = np.asarray(frame["transform_matrix"], dtype=np.float64)
+    if mat.shape == (3, 4):
+        mat = np.vstack([mat, [0, 0, 0, 1]])
+    if mat.shape != (4, 4):
+        raise SceneError(f"{where}: transform_matrix must be 4x4 or 3x4, got shape {mat.shape}")
+    return mat
+
+
+def _optional_paths(frames: List[dict], root: Path, key: str, json_path: Path) -> Optional[List[Path]]:
+    """Per-frame paths under ``key`` (all frames or none)."""
+    paths = [root / f[key] for f in frames if key in f]
+    if paths and len(paths) != len(frames):
+        raise SceneError(f"{json_path}: {key} is given for {len(paths)} of {len(frames)} frames (need all or none)")
+    return paths or None
+
+
 def read_nerfstudio_scene(path: PathLike, check_files: bool = True, name: Optional[str] = None) -> PosedScene:
     """Read a Nerfstudio/instant-ngp ``transforms.json`` into a :class:`PosedScene`.
 
@@ -92,87 +162,29 @@ def read_nerfstudio_scene(path: PathLike, check_files: bool = True, name: Option
             are missing the sizes are read from the headers regardless.
         name: scene name (default: the folder name).
     """
-    path = Path(path)
-    json_path = path if path.suffix == ".json" else path / "transforms.json"
-    if not json_path.is_file():
-        raise SceneError(f"{json_path} does not exist; expected a Nerfstudio scene folder with transforms.json")
+    json_path, meta, frames = _read_transforms(Path(path))
     root = json_path.parent
-    try:
-        meta = json.loads(json_path.read_text())
-    except json.JSONDecodeError as err:
-        raise SceneError(f"{json_path} is not valid JSON: {err}") from None
-    frames = meta.get("frames")
-    if not isinstance(frames, list) or not frames:
-        raise SceneError(f"{json_path} has no frames (empty scene)")
-
-    for i, frame in enumerate(frames):
-        if "file_path" not in frame or "transform_matrix" not in frame:
-            raise SceneError(f"{json_path}: frame {i} needs 'file_path' and 'transform_matrix'")
-    # Nerfstudio sorts frames by file name; so do we, so indices agree with its dataparser.
-    order = sorted(range(len(frames)), key=lambda i: str(root / frames[i]["file_path"]))
-    frames = [frames[i] for i in order]
-
     image_paths, sizes, ks, dists, poses = [], [], [], [], []
-    depth_paths, label_paths = [], []
     for frame in frames:
-        fp = root / frame["file_path"]
         where = f"{json_path} frame {frame['file_path']!r}"
-        image_paths.append(fp)
-        model = str(frame.get("camera_model", meta.get("camera_model", "OPENCV"))).upper()
-        if model not in _SUPPORTED_NS_MODELS:
-            raise SceneError(f"{where}: camera_model {model} is not supported (supported: {_SUPPORTED_NS_MODELS})")
-        for extra in ("k3", "k4"):
-            if abs(_num(frame, meta, extra, where, 0.0)) > 0:
-                raise SceneError(f"{where}: distortion coefficient {extra} is not supported (OPENCV k1,k2,p1,p2 only)")
-        if "distortion_params" in frame or "distortion_params" in meta:
-            raise SceneError(f"{where}: 'distortion_params' is not supported; use k1, k2, p1, p2")
-        w, h = _num(frame, meta, "w", where), _num(frame, meta, "h", where)
-        if w is None or h is None:
-            hh, ww = read_image_size(fp)
-            w, h = w or ww, h or hh
-        fx = _num(frame, meta, "fl_x", where)
-        fy = _num(frame, meta, "fl_y", where)
-        if fx is None:
-            angle = _num(frame, meta, "camera_angle_x", where)
-            if angle is None:
-                raise SceneError(f"{where}: no focal length (fl_x or camera_angle_x)")
-            fx = 0.5 * w / math.tan(0.5 * angle)
-        if fy is None:
-            angle_y = _num(frame, meta, "camera_angle_y", where)
-            fy = 0.5 * h / math.tan(0.5 * angle_y) if angle_y is not None else fx
-        cx = _num(frame, meta, "cx", where, w / 2.0)
-        cy = _num(frame, meta, "cy", where, h / 2.0)
-        ks.append([[fx, 0.0, cx], [0.0, fy, cy], [0.0, 0.0, 1.0]])
-        sizes.append([int(round(h)), int(round(w))])
-        dists.append([_num(frame, meta, k, where, 0.0) for k in ("k1", "k2", "p1", "p2")])
-        mat = np.asarray(frame["transform_matrix"], dtype=np.float64)
-        if mat.shape == (3, 4):
-            mat = np.vstack([mat, [0, 0, 0, 1]])
-        if mat.shape != (4, 4):
-            raise SceneError(f"{where}: transform_matrix must be 4x4 or 3x4, got shape {mat.shape}")
-        poses.append(mat)
-        if "depth_file_path" in frame:
-            depth_paths.append(root / frame["depth_file_path"])
-        if "object_id_path" in frame:
-            label_paths.append(root / frame["object_id_path"])
-    for paths, key in ((depth_paths, "depth_file_path"), (label_paths, "object_id_path")):
-        if paths and len(paths) != len(frames):
-            raise SceneError(f"{json_path}: {key} is given for {len(paths)} of {len(frames)} frames (need all or none)")
-
-    c2w_gl = torch.from_numpy(np.stack(poses))
-    c2w = opengl_to_opencv(c2w_gl)
+        image_paths.append(root / frame["file_path"])
+        k, size, dist = _frame_camera(frame, meta, image_paths[-1], where)
+        ks.append(k)
+        sizes.append(list(size))
+        dists.append(dist)
+        poses.append(_frame_pose(frame, where))
     dist = torch.tensor(dists, dtype=torch.float64)
     scene = PosedScene(
         name=name or root.name,
         root=root,
         image_paths=image_paths,
         intrinsics=torch.tensor(ks, dtype=torch.float64),
-        cam_to_world=c2w,
+        cam_to_world=opengl_to_opencv(torch.from_numpy(np.stack(poses))),
         image_sizes=torch.tensor(sizes, dtype=torch.long),
         distortion=dist if bool((dist != 0).any()) else None,
-        depth_paths=depth_paths or None,
+        depth_paths=_optional_paths(frames, root, "depth_file_path", json_path),
         depth_scale=float(meta.get("depth_unit_scale_factor", 1e-3)),
-        object_id_paths=label_paths or None,
+        object_id_paths=_optional_paths(frames, root, "object_id_path", json_path),
         frame_names=[str(f["file_path"]) for f in frames],
     )
     applied = meta.get("applied_transform")
@@ -254,7 +266,7 @@ def read_colmap_model(model_dir: PathLike) -> Dict[str, object]:
         w2c = _cam_from_world(im)
         if not np.isfinite(w2c).all():
             raise SceneError(f"{model_dir}: image {im.name} has a non-finite pose")
-        c2w.append(np.linalg.inv(w2c))
+        c2w.append(invert_pose(torch.from_numpy(w2c)).numpy())
         ks.append(k)
         dists.append(d)
         sizes.append([int(cam.height), int(cam.width)])

@@ -1,4 +1,5 @@
-"""View-set sampling (sets of views that see common structure) and train/held-out view splits."""
+"""Which views go together: view-set sampling (sets that see common structure), grouping of all views of a
+scene into multi-view sets by pose (feature extraction), and train / held-out view splits."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ from typing import List, Literal, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..errors import SceneError
+from ..geometry.cameras import select_neighbor_views
+from ..utils.runtime import single_threaded
 from .correspondences import correspondences_from_depth
-from .scene import PosedScene, SceneError, _as_index_list, single_threaded
+from .scene import PosedScene, _as_index_list
 
-__all__ = ["DEPTH_SAMPLES_PER_VIEW", "shared_counts", "sample_view_sets", "split_views"]
+__all__ = ["DEPTH_SAMPLES_PER_VIEW", "GROUPINGS", "shared_counts", "sample_view_sets", "split_views", "group_views"]
 
 Source = Literal["auto", "tracks", "depth"]
 
@@ -79,6 +83,46 @@ def _largest_component(adj: np.ndarray, nodes: np.ndarray) -> int:
     return best
 
 
+def _check_request(scene: PosedScene, num_views: int, num_sets: int, candidates, must_include):
+    """Validate a view-set request; ``(candidate views, must-include views, their union)`` as sorted arrays/lists."""
+    n = len(scene)
+    if n < 2:
+        raise SceneError(f"scene {scene.name!r} has {n} view; view sets need at least 2 views")
+    if num_views < 2:
+        raise SceneError(f"num_views must be >= 2 for multi-view sets, got {num_views}")
+    if num_sets < 1:
+        raise SceneError(f"num_sets must be >= 1, got {num_sets}")
+    cand = np.array(sorted(set(_as_index_list(candidates if candidates is not None else range(n), n, scene.name))))
+    must = _as_index_list(must_include, n, scene.name) if must_include is not None else []
+    if len(set(must)) != len(must):
+        raise SceneError(f"must_include {must} contains duplicates")
+    pool = np.array(sorted(set(cand.tolist()) | set(must)))
+    if len(pool) < num_views:
+        raise SceneError(
+            f"cannot sample sets of {num_views} views from {len(pool)} candidate views of scene {scene.name!r}"
+        )
+    if len(must) > num_views:
+        raise SceneError(f"must_include has {len(must)} views but sets have only {num_views}")
+    return cand, must, pool
+
+
+def _grow_set(rng: np.random.Generator, chosen: List[int], num_views: int, cand_mask: np.ndarray,
+              adj: np.ndarray) -> Optional[List[int]]:
+    """Grow ``chosen`` by random candidate views connected to the set; None if it cannot reach ``num_views``
+    or a view of it has no overlapping partner (a must-include view)."""
+    in_set = np.zeros(len(cand_mask), dtype=bool)
+    in_set[chosen] = True
+    while len(chosen) < num_views:
+        frontier = np.nonzero(cand_mask & ~in_set & adj[:, in_set].any(axis=1))[0]
+        if len(frontier) == 0:
+            return None
+        v = int(rng.choice(frontier))
+        chosen.append(v)
+        in_set[v] = True
+    members = np.array(chosen)
+    return chosen if adj[np.ix_(members, members)].any(axis=1).all() else None
+
+
 def sample_view_sets(
     scene: PosedScene,
     num_views: int,
@@ -112,23 +156,7 @@ def sample_view_sets(
         ``num_sets`` tuples of scene view indices; the first view is the start/``must_include[0]``.
     """
     n = len(scene)
-    if n < 2:
-        raise SceneError(f"scene {scene.name!r} has {n} view; view sets need at least 2 views")
-    if num_views < 2:
-        raise SceneError(f"num_views must be >= 2 for multi-view sets, got {num_views}")
-    if num_sets < 1:
-        raise SceneError(f"num_sets must be >= 1, got {num_sets}")
-    cand = np.array(sorted(set(_as_index_list(candidates if candidates is not None else range(n), n, scene.name))))
-    must = _as_index_list(must_include, n, scene.name) if must_include is not None else []
-    if len(set(must)) != len(must):
-        raise SceneError(f"must_include {must} contains duplicates")
-    pool = np.array(sorted(set(cand.tolist()) | set(must)))
-    if len(pool) < num_views:
-        raise SceneError(
-            f"cannot sample sets of {num_views} views from {len(pool)} candidate views of scene {scene.name!r}"
-        )
-    if len(must) > num_views:
-        raise SceneError(f"must_include has {len(must)} views but sets have only {num_views}")
+    cand, must, pool = _check_request(scene, num_views, num_sets, candidates, must_include)
     if min_shared > 0:
         adj = (shared_counts(scene, source) >= min_shared).numpy()
     else:
@@ -144,26 +172,11 @@ def sample_view_sets(
     attempts = 0
     while len(results) < num_sets and attempts < max_attempts_per_set * num_sets:
         attempts += 1
-        if must:
-            chosen = list(must)
-        else:
-            if len(starts) == 0:
-                break
-            chosen = [int(rng.choice(starts))]
-        in_set = np.zeros(n, dtype=bool)
-        in_set[chosen] = True
-        while len(chosen) < num_views:
-            frontier = np.nonzero(cand_mask & ~in_set & adj[:, in_set].any(axis=1))[0]
-            if len(frontier) == 0:
-                break
-            v = int(rng.choice(frontier))
-            chosen.append(v)
-            in_set[v] = True
-        if len(chosen) < num_views:
+        if not must and len(starts) == 0:
+            break
+        chosen = _grow_set(rng, list(must) if must else [int(rng.choice(starts))], num_views, cand_mask, adj)
+        if chosen is None:
             continue
-        members = np.array(chosen)
-        if not adj[np.ix_(members, members)].any(axis=1).all():
-            continue  # a must_include view without an overlapping partner
         key = tuple(sorted(chosen))
         if key in seen:
             continue
@@ -210,3 +223,66 @@ def split_views(
     held_set = set(held)
     train = [i for i in range(n) if i not in held_set]
     return train, held
+
+
+GROUPINGS = ("scene", "neighbors", "cover", "partition")
+
+
+def group_views(
+    cam_to_world: torch.Tensor, views_per_set: int, mode: str = "neighbors", max_views_per_pass: int = 64
+) -> List[Tuple[int, ...]]:
+    """Multi-view sets of nearby views.
+
+    Each view ``i`` proposes the set {i} + its ``views_per_set - 1`` nearest views (distance
+    ``|c_i - c_j| / r + (1 - cos angle(z_i, z_j))``, see
+    :func:`~mvfm_nerfstudio.geometry.cameras.view_distances`). ``"neighbors"`` keeps
+    every distinct proposal; ``"cover"`` walks the views in order and keeps a view's
+    proposal only if the view is not yet in a kept set; ``"partition"`` walks the views in
+    order and makes a set of each not yet used view and its nearest not yet used views (the
+    last set is filled up with its nearest used views); ``"scene"`` is one set of all views,
+    or, above ``max_views_per_pass`` views, a partition into ``ceil(N / max_views_per_pass)``
+    pose-compact chunks.
+
+    Args:
+        cam_to_world: ``[N, 4, 4]`` OpenCV poses.
+        views_per_set: wanted set size S (clipped to N); not used by ``"scene"``.
+        mode: one of ``"scene"``, ``"neighbors"``, ``"cover"``, ``"partition"``.
+        max_views_per_pass: ``"scene"`` only.
+
+    Returns:
+        Sorted index tuples in a deterministic order; every view is in at least one set.
+    """
+    if mode not in GROUPINGS:
+        raise ValueError(f"view_grouping must be one of {', '.join(map(repr, GROUPINGS))}, got {mode!r}")
+    if views_per_set < 1 or max_views_per_pass < 1:
+        raise ValueError(f"views_per_set and max_views_per_pass must be >= 1, got {views_per_set}, {max_views_per_pass}")
+    n = cam_to_world.shape[0]
+    if mode == "scene":
+        chunks = -(-n // max_views_per_pass)
+        return group_views(cam_to_world, -(-n // chunks), "partition") if chunks > 1 else [tuple(range(n))]
+    s = min(views_per_set, n)
+    if s == 1:
+        return [(i,) for i in range(n)]
+    if mode == "partition":
+        order = select_neighbor_views(n - 1, n, 1, cam_to_world[None].double())[0].tolist()  # all views, nearest first
+        used: set = set()
+        sets: List[Tuple[int, ...]] = []
+        for i in range(n):
+            if i in used:
+                continue
+            members = [i] + [j for j in order[i] if j not in used][: s - 1]
+            members += [j for j in order[i] if j not in members][: s - len(members)]  # fill the last set
+            used.update(members)
+            sets.append(tuple(sorted(members)))
+        return sets
+    nbrs = select_neighbor_views(s - 1, n, 1, cam_to_world[None].double())[0].tolist()
+    proposals = [tuple(sorted([i, *nbrs[i]])) for i in range(n)]
+    sets = []
+    seen_sets, covered = set(), set()
+    for i, p in enumerate(proposals):
+        if p in seen_sets or (mode == "cover" and i in covered):
+            continue
+        sets.append(p)
+        seen_sets.add(p)
+        covered.update(p)
+    return sets

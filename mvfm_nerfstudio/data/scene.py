@@ -11,14 +11,13 @@ Conventions (same as :mod:`mvfm_nerfstudio.geometry.cameras`):
   ``(H', W')`` maps a pixel coordinate ``(u, v)`` to ``(u * W'/W, v * H'/H)`` exactly and the
   intrinsics to ``diag(W'/W, H'/H, 1) @ K``.
 * Distortion: OpenCV/COLMAP ``OPENCV`` model ``(k1, k2, p1, p2)`` acting on normalised
-  camera coordinates.
+  camera coordinates (:mod:`mvfm_nerfstudio.geometry.distortion`).
 * Depth: z-depth along the camera's optical axis (not ray length), in scene units
   (``metres = raw * depth_scale``); raw 0 and 65535 (16-bit PNG) are invalid and become NaN.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,223 +27,30 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..geometry.cameras import CameraError, validate_cam_to_world, validate_intrinsics
+from ..geometry.cameras import CameraError, scale_intrinsics, validate_cam_to_world, validate_intrinsics
+from ..errors import SceneError
+from ..geometry.distortion import has_distortion, undistortion_grid
+from ..geometry.feature_grid import floor_to_patch
+from .files import read_depth_file, read_image, read_image_size, read_label_file
 
 __all__ = [
     "SceneError",
     "Tracks",
     "ViewBatch",
     "PosedScene",
-    "distort_normalized",
-    "undistort_normalized",
-    "undistort_pixels",
-    "read_image",
-    "read_image_size",
-    "read_depth_file",
-    "read_label_file",
-    "single_threaded",
+    "resize_image",
 ]
 
 Size = Tuple[int, int]
 IndexLike = Union[Sequence[int], torch.Tensor, np.ndarray]
 
 
-class SceneError(ValueError):
-    """Raised for invalid scenes: missing/corrupt files, bad poses, mismatched sizes, too few views."""
+def resize_image(x: torch.Tensor, size: Size, mode: str = "bilinear") -> torch.Tensor:
+    """Resize an image or map ``[C, H, W]`` to ``size = (H', W')`` (pixel-centre aligned, the whole image kept).
 
-
-@contextlib.contextmanager
-def single_threaded():
-    """Run torch ops single-threaded inside the block (restores the thread count afterwards).
-
-    The data layer's work is many small elementwise ops, which gain nothing from intra-op
-    threads; on shared CPUs a 2-thread pool made them up to ~10x slower (threads waiting for
-    each other while descheduled), so batch jobs (scene rendering, covisibility) use one thread.
+    ``mode="bilinear"`` is antialiased (matters when shrinking); ``"nearest"`` (labels, depth) picks the nearest
+    source pixel centre. Returned unchanged when already of that size.
     """
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(previous)
-
-
-# --------------------------------------------------------------------------------------------
-# Lens distortion (OpenCV k1, k2, p1, p2 on normalised coordinates)
-# --------------------------------------------------------------------------------------------
-
-
-def distort_normalized(xy: torch.Tensor, dist: torch.Tensor) -> torch.Tensor:
-    """Apply OPENCV distortion to normalised camera coordinates.
-
-    Args:
-        xy: ``[..., 2]`` undistorted normalised coordinates ``(X/Z, Y/Z)``.
-        dist: ``[4]`` or broadcastable ``[..., 4]`` coefficients ``(k1, k2, p1, p2)``.
-    Returns:
-        ``[..., 2]`` distorted normalised coordinates.
-    """
-    k1, k2, p1, p2 = dist.to(xy.dtype).unbind(-1)
-    x, y = xy.unbind(-1)
-    r2 = x * x + y * y
-    radial = 1 + k1 * r2 + k2 * r2 * r2
-    xd = x * radial + 2 * p1 * x * y + p2 * (r2 + 2 * x * x)
-    yd = y * radial + p1 * (r2 + 2 * y * y) + 2 * p2 * x * y
-    return torch.stack([xd, yd], dim=-1)
-
-
-def undistort_normalized(xy_d: torch.Tensor, dist: torch.Tensor, iters: int = 20) -> torch.Tensor:
-    """Invert :func:`distort_normalized` by Newton iterations (analytic Jacobian).
-
-    Args:
-        xy_d: ``[..., 2]`` distorted normalised coordinates.
-        dist: ``[4]`` or broadcastable ``[..., 4]`` ``(k1, k2, p1, p2)``.
-    Returns:
-        ``[..., 2]`` undistorted normalised coordinates (float64 precision internally).
-    """
-    dtype = xy_d.dtype
-    target = xy_d.double()
-    d = dist.double()
-    k1, k2, p1, p2 = d.unbind(-1)
-    xy = target.clone()
-    for _ in range(iters):
-        x, y = xy.unbind(-1)
-        r2 = x * x + y * y
-        radial = 1 + k1 * r2 + k2 * r2 * r2
-        dr = 2 * (k1 + 2 * k2 * r2)  # d radial / d(x or y) divided by the coordinate
-        j00 = radial + x * x * dr + 2 * p1 * y + 6 * p2 * x
-        j01 = x * y * dr + 2 * p1 * x + 2 * p2 * y
-        j11 = radial + y * y * dr + 6 * p1 * y + 2 * p2 * x
-        res = distort_normalized(xy, d) - target
-        if float(res.abs().max()) < 1e-13:
-            break
-        det = j00 * j11 - j01 * j01  # the Jacobian is symmetric
-        det = torch.where(det.abs() < 1e-12, torch.full_like(det, 1e-12), det)
-        dx = (j11 * res[..., 0] - j01 * res[..., 1]) / det
-        dy = (-j01 * res[..., 0] + j00 * res[..., 1]) / det
-        xy = xy - torch.stack([dx, dy], dim=-1)
-    return xy.to(dtype)
-
-
-def _has_distortion(dist: Optional[torch.Tensor]) -> bool:
-    return dist is not None and bool((dist.abs() > 0).any())
-
-
-def undistort_pixels(xy: torch.Tensor, intrinsics: torch.Tensor, dist: Optional[torch.Tensor]) -> torch.Tensor:
-    """Map pixel coordinates of a distorted image ``[..., 2]`` to the undistorted pinhole image.
-
-    ``intrinsics`` is ``[3, 3]`` or per point ``[..., 3, 3]``; ``dist`` ``[4]`` or ``[..., 4]``.
-    The undistorted image uses the same intrinsics (see module docstring). Returns the input
-    unchanged (as float64) when ``dist`` is None or all zeros.
-    """
-    xy = xy.double()
-    if not _has_distortion(dist):
-        return xy
-    k = intrinsics.double()
-    fx, fy, cx, cy, s = k[..., 0, 0], k[..., 1, 1], k[..., 0, 2], k[..., 1, 2], k[..., 0, 1]
-    yn = (xy[..., 1] - cy) / fy
-    xn = (xy[..., 0] - cx - s * yn) / fx
-    und = undistort_normalized(torch.stack([xn, yn], dim=-1), dist)
-    u = fx * und[..., 0] + s * und[..., 1] + cx
-    v = fy * und[..., 1] + cy
-    return torch.stack([u, v], dim=-1)
-
-
-def _undistort_grid(intrinsics: torch.Tensor, dist: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """``grid_sample`` grid ``[1, H, W, 2]`` that resamples a distorted image into the pinhole one."""
-    k = intrinsics.double()
-    fx, fy, cx, cy, s = k[0, 0], k[1, 1], k[0, 2], k[1, 2], k[0, 1]
-    v, u = torch.meshgrid(
-        torch.arange(height, dtype=torch.float64) + 0.5, torch.arange(width, dtype=torch.float64) + 0.5, indexing="ij"
-    )
-    yn = (v - cy) / fy
-    xn = (u - cx - s * yn) / fx
-    xd, yd = distort_normalized(torch.stack([xn, yn], dim=-1), dist.double()).unbind(-1)
-    ud = fx * xd + s * yd + cx
-    vd = fy * yd + cy
-    # align_corners=False: -1 and +1 are the outer image borders, i.e. pixel coordinate 0 and W.
-    grid = torch.stack([2 * ud / width - 1, 2 * vd / height - 1], dim=-1)
-    return grid.float().unsqueeze(0)
-
-
-# --------------------------------------------------------------------------------------------
-# File readers
-# --------------------------------------------------------------------------------------------
-
-
-def read_image_size(path: Path) -> Size:
-    """``(H, W)`` of an image file from its header; :class:`SceneError` naming the file if unreadable."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            w, h = im.size
-    except FileNotFoundError:
-        raise SceneError(f"image file {path} does not exist") from None
-    except Exception as err:  # PIL raises several types for corrupt headers
-        raise SceneError(f"image file {path} is not a readable image ({type(err).__name__}: {err})") from err
-    return int(h), int(w)
-
-
-def read_image(path: Path) -> torch.Tensor:
-    """RGB image ``[3, H, W]`` float32 in [0, 1]; :class:`SceneError` naming the file if missing/corrupt."""
-    from PIL import Image
-
-    try:
-        with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
-    except FileNotFoundError:
-        raise SceneError(f"image file {path} does not exist") from None
-    except Exception as err:
-        raise SceneError(f"image file {path} is corrupt or unreadable ({type(err).__name__}: {err})") from err
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255.0
-
-
-def _read_array(path: Path, what: str) -> np.ndarray:
-    from PIL import Image
-
-    try:
-        if path.suffix.lower() == ".npy":
-            return np.load(path, allow_pickle=False)
-        with Image.open(path) as im:
-            return np.array(im)
-    except FileNotFoundError:
-        raise SceneError(f"{what} file {path} does not exist") from None
-    except Exception as err:
-        raise SceneError(f"{what} file {path} is corrupt or unreadable ({type(err).__name__}: {err})") from err
-
-
-def read_depth_file(path: Path, scale: float) -> torch.Tensor:
-    """Depth map ``[H, W]`` float32 in scene units with NaN where invalid.
-
-    16-bit PNGs (and integer ``.npy``) are raw units times ``scale``; 0 and 65535 are invalid.
-    Float ``.npy`` files are multiplied by ``scale`` too; non-finite or non-positive are invalid.
-    """
-    raw = _read_array(path, "depth")
-    if raw.ndim == 3 and raw.shape[-1] == 1:
-        raw = raw[..., 0]
-    if raw.ndim != 2:
-        raise SceneError(f"depth file {path} must be a single-channel image, got shape {raw.shape}")
-    if raw.dtype == np.uint8:
-        raise SceneError(f"depth file {path} is 8-bit; depth must be 16-bit PNG (raw * depth_scale) or .npy")
-    depth = raw.astype(np.float64)
-    invalid = ~np.isfinite(depth) | (depth <= 0)
-    if np.issubdtype(raw.dtype, np.integer):
-        invalid |= raw == 65535
-    depth = depth * scale
-    depth[invalid] = np.nan
-    return torch.from_numpy(depth.astype(np.float32))
-
-
-def read_label_file(path: Path) -> torch.Tensor:
-    """Integer label map ``[H, W]`` (int64), e.g. object ids with 0 = background."""
-    raw = _read_array(path, "object-id")
-    if raw.ndim != 2 or not np.issubdtype(raw.dtype, np.integer):
-        raise SceneError(f"object-id file {path} must be a single-channel integer image, got {raw.dtype} {raw.shape}")
-    return torch.from_numpy(raw.astype(np.int64))
-
-
-def _resize(x: torch.Tensor, size: Size, mode: str) -> torch.Tensor:
-    """Resize ``[C, H, W]``; bilinear uses antialiasing when shrinking (pixel-centre aligned)."""
     if tuple(x.shape[-2:]) == tuple(size):
         return x
     if mode == "bilinear":
@@ -400,7 +206,7 @@ class PosedScene:
             self.distortion = torch.as_tensor(self.distortion, dtype=torch.float64)
             if tuple(self.distortion.shape) != (n, 4):
                 raise SceneError(f"scene {self.name!r}: distortion must be [{n}, 4], got {tuple(self.distortion.shape)}")
-            if not _has_distortion(self.distortion):
+            if not has_distortion(self.distortion):
                 self.distortion = None
         for key in ("depth_paths", "object_id_paths"):
             paths = getattr(self, key)
@@ -502,7 +308,7 @@ class PosedScene:
             )
         h, w = sizes.pop()
         if patch_size:
-            h, w = (h // patch_size) * patch_size, (w // patch_size) * patch_size
+            h, w = floor_to_patch((h, w), patch_size)
             if h == 0 or w == 0:
                 raise SceneError(f"images of scene {self.name!r} are smaller than one {patch_size}px patch")
         return h, w
@@ -515,12 +321,7 @@ class PosedScene:
     def scaled_intrinsics(self, indices: IndexLike, size: Size) -> torch.Tensor:
         """``[S, 3, 3]`` float64 intrinsics of the views resized to ``size`` (``diag(sx, sy, 1) @ K``)."""
         idx = _as_index_list(indices, len(self), self.name)
-        out = self.intrinsics[torch.tensor(idx, dtype=torch.long)].clone()
-        for row, i in enumerate(idx):
-            sx, sy = self.scale_factors(i, size)
-            out[row, 0] *= sx
-            out[row, 1] *= sy
-        return out
+        return torch.stack([scale_intrinsics(self.intrinsics[i], self.image_size(i), size) for i in idx])
 
     def scale_points(self, xy: torch.Tensor, view_index: int, size: Size) -> torch.Tensor:
         """Map original-pixel coordinates ``[..., 2]`` of one view to a ``size = (H', W')`` image."""
@@ -529,14 +330,14 @@ class PosedScene:
 
     # ---------------------------------------------------------------- loading
     def _undistort_map(self, i: int, mode: str, x: torch.Tensor) -> torch.Tensor:
-        if self.distortion is None or not _has_distortion(self.distortion[i]):
+        if self.distortion is None or not has_distortion(self.distortion[i]):
             return x
         h, w = x.shape[-2:]
         # keyed by the camera, not the view: views usually share one camera, so it is built once
         key = ("undistort_grid", tuple(self.intrinsics[i].flatten().tolist()), tuple(self.distortion[i].tolist()), h, w)
         grid = self._cache.get(key)
         if grid is None:
-            grid = _undistort_grid(self.intrinsics[i], self.distortion[i], h, w)
+            grid = undistortion_grid(self.intrinsics[i], self.distortion[i], h, w)
             self._cache[key] = grid
         sampled = F.grid_sample(x[None].float(), grid, mode=mode, padding_mode="border", align_corners=False)
         return sampled[0].to(x.dtype)
@@ -568,7 +369,7 @@ class PosedScene:
         if not idx:
             raise SceneError("load_views needs at least one view index")
         target = self._target_size(idx, size, patch_size)
-        images = torch.stack([_resize(self.load_image(i), target, "bilinear").clamp(0, 1) for i in idx])
+        images = torch.stack([resize_image(self.load_image(i), target, "bilinear").clamp(0, 1) for i in idx])
         pick = torch.tensor(idx, dtype=torch.long)
         return ViewBatch(
             indices=pick,
@@ -585,9 +386,9 @@ class PosedScene:
             m = reader(paths[i]).unsqueeze(0)
             if tuple(m.shape[-2:]) != self.image_size(i):
                 # Maps of another resolution cover the same field of view: resample to the image grid.
-                m = _resize(m.float(), self.image_size(i), "nearest").to(m.dtype)
+                m = resize_image(m.float(), self.image_size(i), "nearest").to(m.dtype)
             m = self._undistort_map(i, "nearest", m.float()).to(m.dtype)
-            out.append(_resize(m.float(), target, "nearest").to(m.dtype)[0])
+            out.append(resize_image(m.float(), target, "nearest").to(m.dtype)[0])
         return torch.stack(out)
 
     def load_depth(self, indices: IndexLike, size: Optional[Size] = None) -> torch.Tensor:

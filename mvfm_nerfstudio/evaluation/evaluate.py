@@ -11,10 +11,11 @@ from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
 
 import torch
 
+from ..utils.progress import track
 from .metrics import MatchResult, base_similarity, bin_by_angle, match_argmax, summarize_matches, viewpoint_angle
 
 if TYPE_CHECKING:
-    from ..training.scene_data import SceneData, ViewSet
+    from ..data.scene_data import SceneData, ViewSet
 
 __all__ = ["EvalResult", "evaluate_sets", "DEFAULT_PCK_THRESHOLDS"]
 
@@ -75,8 +76,6 @@ def evaluate_sets(
         include_base: also evaluate the base model.
         progress: show a rich progress bar.
     """
-    from ..training.progress import track
-
     if not sets:
         raise ValueError(f"no view sets to evaluate for scene {data.name!r}")
     was_training = model.training

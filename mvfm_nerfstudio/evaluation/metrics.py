@@ -5,7 +5,7 @@
   similarity (hard argmax); the error is the L1 distance to the true location in normalised
   ``[-1, 1]`` coordinates, averaged over x and y (``0.1`` = 5 % of the image width, ~26 px at
   518 px). Cell centres sit at ``(c + 0.5) * patch`` pixels and the ground truth uses pixel
-  centres (:mod:`.grid`), so a perfect feature match leaves only the quantisation error of the
+  centres (:mod:`mvfm_nerfstudio.geometry.feature_grid`), so a perfect feature match leaves only the quantisation error of the
   grid: ``~1/(2w)`` per axis for ``w`` cells (0.0135 at 37 cells, 0.031 at 16 cells).
 * **PCK@t**: fraction of correspondences whose predicted cell centre lies within ``t`` pixels
   (Euclidean, pixels of the evaluated images) of the true location.
@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Dict, List, Sequence, Tuple
 import torch
 import torch.nn.functional as F
 
-from .grid import cell_centers, normalized_to_pixel, pixel_to_normalized, query_similarity
+from ..geometry.feature_grid import cell_centers, normalized_to_pixel, pixel_to_normalized, query_similarity
 
 if TYPE_CHECKING:
     from ..data import Correspondences

@@ -8,10 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple
 
-import torch
-
+from ..data.scene_data import build_view_sets, heldout_view_sets, prepare_scene, usable_heldout_views
+from ..models.build import build_model, spec_from_checkpoint
+from ..models.checkpoint import read_adapter_metadata
+from ..models.config import MVFMConfig
 from ..utils.io import atomic_write
+from ..utils.runtime import torch_threads
 from .evaluate import DEFAULT_PCK_THRESHOLDS, evaluate_sets
+from .plots import plot_matches, plot_viewpoint_curve
 
 __all__ = ["EvalConfig", "run_evaluation", "model_from_checkpoint"]
 
@@ -32,7 +36,7 @@ class EvalConfig:
     output_dir: Path = Path("outputs/mvfm-eval")
     """Where metrics.json, viewpoint_curve.png and matches_<scene>.png go."""
     backbone: Optional[str] = None
-    """Backbone; default: the checkpoint's (else dinov2_vits14_reg)."""
+    """Backbone; default: the checkpoint's (else the default backbone, dinov2_vits14_reg)."""
     weights: Optional[str] = None
     """Backbone weights ('pretrained', a file, 'random'); default: what the checkpoint was trained with."""
     tiny: Optional[bool] = None
@@ -59,8 +63,8 @@ class EvalConfig:
     """Bin width of the viewpoint curve (degrees)."""
     seed: int = 0
     """Seed of the view-set sampling."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Device ('auto' = cuda if available)."""
+    device: str = "auto"
+    """Device: 'auto' (this process's CUDA GPU if available, else the CPU), 'cpu', 'cuda' or 'cuda:N'."""
     num_threads: int = 0
     """Torch CPU threads while evaluating (0 = leave torch's setting)."""
     plots: bool = True
@@ -69,25 +73,14 @@ class EvalConfig:
     """Show progress bars."""
 
 
-def _checkpoint_defaults(path: Optional[Path]) -> Dict[str, object]:
-    from ..models.checkpoint import read_adapter_metadata
-
-    if path is None:
-        return {}
-    meta = read_adapter_metadata(path)
-    train = json.loads(meta.get("train_config", "{}"))
-    return {
-        "backbone": meta.get("backbone"),
-        "tiny": meta.get("tiny") == "1",
-        "weights": train.get("weights"),  # exactly as given to mvfm-train (None for other checkpoints)
-        "model_seed": int(meta["model_seed"]) if "model_seed" in meta else None,
-        "image_size": int(meta["image_size"]) if "image_size" in meta else None,
-        "holdout_every": int(meta["holdout_every"]) if "holdout_every" in meta else None,
-    }
+def _training_defaults(path: Optional[Path]) -> Dict[str, Optional[int]]:
+    """Image size and held-out split an ``mvfm-train`` checkpoint was trained with (None where not stored)."""
+    meta = read_adapter_metadata(path) if path is not None else {}
+    return {key: int(meta[key]) if key in meta else None for key in ("image_size", "holdout_every")}
 
 
-def _pick(value, default, fallback):
-    return value if value is not None else (default if default is not None else fallback)
+def _first_given(*values):
+    return next(v for v in values if v is not None)
 
 
 def model_from_checkpoint(config: EvalConfig):
@@ -96,32 +89,24 @@ def model_from_checkpoint(config: EvalConfig):
     Returns:
         ``(model, resolved)``: the model and a dict of the resolved settings.
     """
-    from ..models.checkpoint import read_adapter_metadata
-    from ..models.mvfm import MVFMConfig
-    from ..training.config import TrainConfig
-    from ..training.trainer import build_model
-
-    d = _checkpoint_defaults(config.adapters)
+    spec = spec_from_checkpoint(
+        config.adapters, backbone=config.backbone, weights=config.weights, tiny=config.tiny,
+        model_seed=config.model_seed, device=config.device,
+    )
+    trained = _training_defaults(config.adapters)
     resolved = {
-        "backbone": _pick(config.backbone, d.get("backbone"), "dinov2_vits14_reg"),
-        "weights": _pick(config.weights, d.get("weights"), "pretrained"),
-        "tiny": _pick(config.tiny, d.get("tiny"), False),
-        "model_seed": _pick(config.model_seed, d.get("model_seed"), 0),
-        "image_size": _pick(config.image_size, d.get("image_size"), 224),
-        "holdout_every": _pick(config.holdout_every, d.get("holdout_every"), 8),
+        "backbone": spec.backbone, "weights": spec.weights, "tiny": spec.tiny, "model_seed": spec.model_seed,
+        "image_size": _first_given(config.image_size, trained["image_size"], 224),
+        "holdout_every": _first_given(config.holdout_every, trained["holdout_every"], 8),
     }
     mvfm = MVFMConfig()
     if config.adapters is not None:
         mvfm = MVFMConfig.from_dict(json.loads(read_adapter_metadata(config.adapters)["config"]))
-    tc = TrainConfig(backbone=resolved["backbone"], weights=str(resolved["weights"]), tiny=bool(resolved["tiny"]),
-                     model_seed=int(resolved["model_seed"]), mvfm=mvfm, init_adapters=config.adapters)
-    return build_model(tc), resolved
+    return build_model(spec, **mvfm.to_dict()), resolved
 
 
 def run_evaluation(config: EvalConfig) -> Dict[str, object]:
     """Evaluate every scene; writes ``metrics.json`` (+ PNGs) to ``config.output_dir`` and returns the metrics."""
-    from ..training.trainer import torch_threads
-
     if not config.scenes:
         raise ValueError("no scenes to evaluate: pass --scenes PATH ...")
     with torch_threads(config.num_threads):
@@ -129,18 +114,7 @@ def run_evaluation(config: EvalConfig) -> Dict[str, object]:
 
 
 def _run(config: EvalConfig) -> Dict[str, object]:
-    from ..training.scene_data import (
-        build_view_sets,
-        heldout_view_sets,
-        prepare_scene,
-        usable_heldout_views,
-    )
-    from ..training.trainer import resolve_device
-    from .plots import plot_matches, plot_viewpoint_curve
-
-    device = resolve_device(config.device)
     model, resolved = model_from_checkpoint(config)
-    model.to(device).eval()
     out_dir = Path(config.output_dir)
     results: Dict[str, Dict] = {}
     curves = {}

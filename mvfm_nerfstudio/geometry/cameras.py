@@ -35,6 +35,15 @@ __all__ = [
     "camera_rays",
     "plucker_ray_map",
     "plucker_rays",
+    "invert_pose",
+    "scale_intrinsics",
+    "look_at",
+    "look_along",
+    "project_points",
+    "unproject_pixels",
+    "pixel_directions",
+    "view_distances",
+    "select_neighbor_views",
 ]
 
 
@@ -323,3 +332,142 @@ def plucker_ray_map(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height
     d = raw[:, :3]
     # explicit sum of squares: vector_norm over the channel dim is ~20x slower on CPU here
     return raw * (d[:, 0] * d[:, 0] + d[:, 1] * d[:, 1] + d[:, 2] * d[:, 2]).rsqrt_()[:, None]
+
+
+
+def scale_intrinsics(intrinsics: torch.Tensor, from_size: Tuple[int, int], to_size: Tuple[int, int]) -> torch.Tensor:
+    """Intrinsics ``[..., 3, 3]`` of an image resized from ``from_size`` to ``to_size`` (both ``(H, W)``).
+
+    ``K' = diag(W'/W, H'/H, 1) K``: exact with pixel centres at ``col + 0.5`` (the image is resized,
+    not cropped, so pixel coordinate ``u`` maps to ``u W'/W``). Same dtype as the input.
+    """
+    sy, sx = to_size[0] / from_size[0], to_size[1] / from_size[1]
+    out = intrinsics.clone()
+    out[..., 0, :] *= sx
+    out[..., 1, :] *= sy
+    return out
+
+
+def invert_pose(pose: torch.Tensor) -> torch.Tensor:
+    """Inverse of rigid transforms ``[..., 4, 4]`` (or ``[..., 3, 4]``) -> ``[..., 4, 4]``.
+
+    Camera-to-world to world-to-camera and back, in closed form ``[R^T, -R^T t]`` (differentiable,
+    exact for rigid poses; no general matrix inverse). The camera axes convention is kept: OpenCV
+    camera-to-world gives OpenCV world-to-camera.
+    """
+    c2w = to_homogeneous(pose)
+    rot_t = c2w[..., :3, :3].transpose(-1, -2)
+    top = torch.cat([rot_t, -rot_t @ c2w[..., :3, 3:4]], dim=-1)
+    return torch.cat([top, c2w[..., 3:4, :]], dim=-2)
+
+
+def look_at(center: torch.Tensor, target: torch.Tensor, up=(0.0, 0.0, 1.0)) -> torch.Tensor:
+    """OpenCV camera-to-world ``[4, 4]`` of a camera at ``center [3]`` looking at ``target [3]``.
+
+    The camera's y axis (down) is as close to ``-up`` as possible (no roll for ``up`` = world up);
+    ``up`` must not be parallel to the viewing direction. Same dtype and device as ``center``.
+    """
+    return look_along(center, target - center, up)
+
+
+def look_along(origin: torch.Tensor, direction: torch.Tensor, up=None) -> torch.Tensor:
+    """OpenCV camera-to-world ``[4, 4]`` of a camera at ``origin [3]`` looking along ``direction [3]``.
+
+    Args:
+        origin, direction: ``[3]``; ``direction`` of any non-zero length.
+        up: world up (the camera's -y); None = world +z, or +y when the direction is within ~25
+            degrees of +-z (so any direction works).
+    """
+    z = direction / direction.norm()
+    if up is None:
+        up = (0.0, 0.0, 1.0) if float(z[2].abs()) < 0.9 else (0.0, 1.0, 0.0)
+    up_t = torch.as_tensor(up, dtype=z.dtype, device=z.device)
+    x = torch.linalg.cross(z, up_t)
+    x = x / x.norm()
+    y = torch.linalg.cross(z, x)
+    bottom = torch.tensor([[0.0, 0.0, 0.0, 1.0]], dtype=z.dtype, device=z.device)
+    return torch.cat([torch.stack([x, y, z, origin.to(z.dtype)], dim=-1), bottom], dim=0)
+
+
+def project_points(
+    points: torch.Tensor, intrinsics: torch.Tensor, cam_to_world: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Project world points ``[P, 3]`` into one camera (``[3, 3]``, ``[4, 4]``) or several (``[S, 3, 3]``,
+    ``[S, 4, 4]``, OpenCV camera-to-world).
+
+    Returns:
+        ``(xy [..., P, 2], z [..., P])`` float64: pixel coordinates (pixel-centre convention) and
+        z-depth. Points with ``z <= 1e-9`` (behind the camera) get meaningless ``xy``; test ``z`` first.
+    """
+    w2c = invert_pose(cam_to_world.double())
+    cam = points.double() @ w2c[..., :3, :3].transpose(-1, -2) + w2c[..., None, :3, 3]
+    z = cam[..., 2]
+    pix = cam @ intrinsics.double().transpose(-1, -2)
+    xy = pix[..., :2] / torch.where(z > 1e-9, z, torch.ones_like(z)).unsqueeze(-1)
+    return xy, z
+
+
+def pixel_directions(xy: torch.Tensor, intrinsics: torch.Tensor, cam_to_world: torch.Tensor) -> torch.Tensor:
+    """World directions ``[P, 3]`` through pixel coordinates ``xy [P, 2]`` of one camera, scaled to unit z-depth.
+
+    ``d = R K^-1 (u, v, 1)``: a point at z-depth ``z`` along the pixel is ``c + z d`` (``c`` the camera
+    centre); normalise ``d`` for unit rays. Float64.
+    """
+    k = intrinsics.double()
+    pix = torch.cat([xy.double(), torch.ones_like(xy[..., :1], dtype=torch.float64)], dim=-1)
+    return pix @ torch.linalg.inv(k).transpose(-1, -2) @ cam_to_world[..., :3, :3].double().transpose(-1, -2)
+
+
+def unproject_pixels(
+    xy: torch.Tensor, depth: torch.Tensor, intrinsics: torch.Tensor, cam_to_world: torch.Tensor
+) -> torch.Tensor:
+    """World points ``[P, 3]`` (float64) at z-depth ``depth [P]`` along pixel coordinates ``xy [P, 2]`` of one camera."""
+    dirs = pixel_directions(xy, intrinsics, cam_to_world)
+    return dirs * depth.double().unsqueeze(-1) + cam_to_world[..., :3, 3].double()
+
+
+def view_distances(cam_to_world: torch.Tensor) -> torch.Tensor:
+    """Pose distance between every pair of views of a set: ``[..., S, 4, 4] -> [..., S, S]`` float64.
+
+    ``|c_i - c_j| / r + (1 - cos angle(z_i, z_j))`` with camera centres ``c``, optical axes ``z``
+    (OpenCV, third column of the rotation) and ``r`` the median camera distance to the centroid,
+    so the measure does not depend on the scene's scale. The diagonal is 0.
+    """
+    centers = cam_to_world[..., :3, 3].double()
+    axes = cam_to_world[..., :3, 2].double()
+    radius = (centers - centers.mean(-2, keepdim=True)).norm(dim=-1).median(-1).values.clamp_min(1e-12)
+    dist = torch.cdist(centers, centers) / radius[..., None, None]
+    return dist + (1 - axes @ axes.transpose(-1, -2))
+
+
+def select_neighbor_views(
+    num_neighbors: int, views: int, batch: int = 1, cam_to_world: Optional[torch.Tensor] = None,
+    device: Optional[torch.device] = None,
+) -> torch.Tensor:
+    """Choose, for each view, the ``K = min(num_neighbors, S-1)`` closest other views.
+
+    Closeness with poses: :func:`view_distances` (use normalised poses from
+    :func:`normalize_cameras`, or any similarity frame: the measure is scale-free). Without poses,
+    views are taken as a sequence and the closest indices are chosen (``i-1, i+1, i-2, ...``).
+
+    Args:
+        num_neighbors: wanted K.
+        views: S.
+        batch: B (without poses).
+        cam_to_world: optional ``[B, S, 4, 4]`` OpenCV poses.
+        device: device of the result without poses.
+
+    Returns:
+        ``[B, S, K]`` long indices of the neighbour views (never the view itself), closest first.
+    """
+    k = min(num_neighbors, views - 1)
+    if cam_to_world is not None:
+        dist = view_distances(cam_to_world)
+    else:
+        idx = torch.arange(views, device=device, dtype=torch.float64)
+        # |i - j|, with a small bias so the earlier of two equally distant views comes first
+        dist = (idx[:, None] - idx[None, :]).abs() + 1e-3 * (idx[None, :] > idx[:, None])
+        dist = dist.expand(batch, -1, -1)
+    dist = dist + torch.diag(torch.full((views,), float("inf"), dtype=dist.dtype, device=dist.device))
+    order = torch.argsort(dist, dim=-1, stable=True)
+    return order[..., :k]

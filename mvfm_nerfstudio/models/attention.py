@@ -4,7 +4,8 @@ Two computations of the same operator (gsplat style: a simple reference and a fa
 
 * joint (the paper): all tokens of all S views attend to each other, one
   ``scaled_dot_product_attention`` over ``S*T`` tokens; cost grows with ``S^2``.
-* neighbourhood: each view attends to its own tokens plus those of ``K`` selected views,
+* neighbourhood: each view attends to its own tokens plus those of ``K`` selected views
+  (chosen by pose with :func:`~mvfm_nerfstudio.geometry.cameras.select_neighbor_views`),
   whose keys/values can be average-pooled on the patch grid; cost grows with ``S*K``.
   With ``K = S - 1`` and no pooling it computes exactly the joint attention.
 
@@ -19,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["CrossViewAttention", "select_neighbor_views", "all_other_views"]
+__all__ = ["CrossViewAttention", "all_other_views"]
 
 
 def all_other_views(batch: int, views: int, device: Optional[torch.device] = None) -> torch.Tensor:
@@ -28,45 +29,6 @@ def all_other_views(batch: int, views: int, device: Optional[torch.device] = Non
     table = idx.expand(views, views)
     mask = ~torch.eye(views, dtype=torch.bool, device=device)
     return table[mask].view(views, views - 1).expand(batch, -1, -1)
-
-
-def select_neighbor_views(
-    num_neighbors: int, views: int, batch: int = 1, cam_to_world: Optional[torch.Tensor] = None,
-    device: Optional[torch.device] = None,
-) -> torch.Tensor:
-    """Choose, for each view, the ``K = min(num_neighbors, S-1)`` closest other views.
-
-    Closeness with poses: ``|c_i - c_j| / r + (1 - cos angle(z_i, z_j))`` where ``c`` are
-    camera centres, ``z`` optical axes and ``r`` the median camera distance to the centroid
-    (use normalised poses from :func:`~mvfm_nerfstudio.geometry.cameras.normalize_cameras`,
-    whose median distance is 2). Without poses, views are taken as a sequence and the
-    closest indices are chosen (``i-1, i+1, i-2, ...``).
-
-    Args:
-        num_neighbors: wanted K.
-        views: S.
-        cam_to_world: optional ``[B, S, 4, 4]`` OpenCV poses.
-
-    Returns:
-        ``[B, S, K]`` long indices of the neighbour views (never the view itself), closest first.
-    """
-    k = min(num_neighbors, views - 1)
-    if cam_to_world is not None:
-        device = cam_to_world.device
-        batch = cam_to_world.shape[0]
-        centers = cam_to_world[..., :3, 3].double()
-        axes = cam_to_world[..., :3, 2].double()
-        radius = (centers - centers.mean(-2, keepdim=True)).norm(dim=-1).median(-1).values.clamp_min(1e-12)
-        dist = torch.cdist(centers, centers) / radius[:, None, None]
-        dist = dist + (1 - axes @ axes.transpose(-1, -2))
-    else:
-        idx = torch.arange(views, device=device, dtype=torch.float64)
-        # |i - j|, with a small bias so the earlier of two equally distant views comes first
-        dist = (idx[:, None] - idx[None, :]).abs() + 1e-3 * (idx[None, :] > idx[:, None])
-        dist = dist.expand(batch, -1, -1)
-    dist = dist + torch.diag(torch.full((views,), float("inf"), dtype=dist.dtype, device=dist.device))
-    order = torch.argsort(dist, dim=-1, stable=True)
-    return order[..., :k]
 
 
 class CrossViewAttention(nn.Module):

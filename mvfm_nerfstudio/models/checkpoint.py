@@ -1,13 +1,15 @@
 """Adapter checkpoints: safetensors tensors + JSON-able metadata, never pickle.
 
-A checkpoint holds only what is trained (adapters, ray embedding) and metadata:
+A checkpoint holds only what is trained (adapters, ray embedding) and metadata. The functions take a
+:class:`~mvfm_nerfstudio.models.mvfm.MultiViewFoundationModel` (the model module imports this one, so the
+type is not imported here):
 
 ==================  =====================================================
 ``format``          ``"mvfm-adapters"``
 ``format_version``  integer as string; readers refuse newer versions
 ``backbone``        registry name the adapters were trained on
 ``tiny``            ``"1"`` for the test-size architecture
-``config``          :class:`~mvfm_nerfstudio.models.mvfm.MVFMConfig` as JSON
+``config``          :class:`~mvfm_nerfstudio.models.config.MVFMConfig` as JSON
 ``backbone_weights`` where the backbone weights came from
 ``backbone_fingerprint`` hash of the backbone weights (warns on mismatch)
 ==================  =====================================================
@@ -20,16 +22,15 @@ import json
 import os
 import warnings
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Optional
+from typing import Dict, Optional
 
 import torch
+from torch import nn
 
 from .._version import __version__
-from ..backbones.vit import CheckpointMismatchError
+from ..errors import CheckpointMismatchError
 from ..utils.io import atomic_write
-
-if TYPE_CHECKING:
-    from .mvfm import MultiViewFoundationModel
+from .config import RUNTIME_FIELDS, MVFMConfig
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "save_adapters", "load_adapters", "read_adapter_metadata", "backbone_fingerprint"]
 
@@ -37,7 +38,7 @@ FORMAT = "mvfm-adapters"
 FORMAT_VERSION = 1
 
 
-def backbone_fingerprint(model: "MultiViewFoundationModel") -> str:
+def backbone_fingerprint(model: nn.Module) -> str:
     """Short content hash of the backbone weights (names, shapes and values)."""
     h = hashlib.blake2b(digest_size=12)
     for name, t in sorted(model.backbone.state_dict().items()):
@@ -47,7 +48,7 @@ def backbone_fingerprint(model: "MultiViewFoundationModel") -> str:
     return h.hexdigest()
 
 
-def save_adapters(model: "MultiViewFoundationModel", path, metadata: Optional[Dict[str, str]] = None) -> None:
+def save_adapters(model: nn.Module, path, metadata: Optional[Dict[str, str]] = None) -> None:
     """Write ``model``'s adapters to ``path`` (.safetensors), atomically."""
     from safetensors.torch import save
 
@@ -96,7 +97,7 @@ def read_adapter_metadata(path) -> Dict[str, str]:
     return meta
 
 
-def load_adapters(model: "MultiViewFoundationModel", path) -> Dict[str, str]:
+def load_adapters(model: nn.Module, path) -> Dict[str, str]:
     """Load adapters into ``model`` after checking backbone and architecture agree.
 
     Returns:
@@ -105,8 +106,6 @@ def load_adapters(model: "MultiViewFoundationModel", path) -> Dict[str, str]:
         CheckpointMismatchError: other backbone, other architecture, or inconsistent tensors.
     """
     from safetensors.torch import load_file
-
-    from .mvfm import RUNTIME_FIELDS, MVFMConfig
 
     meta = read_adapter_metadata(path)
     problems = []

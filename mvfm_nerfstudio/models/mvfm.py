@@ -15,88 +15,26 @@ motion and scaling of all cameras.
 
 from __future__ import annotations
 
-import dataclasses
-import json
-from dataclasses import dataclass
-from typing import Dict, List, Literal, Optional, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 
-from ..backbones.vit import FoundationBackbone, WeightsSource, create_backbone
+from ..backbones.vit import FoundationBackbone
 from ..geometry.cameras import (
     CameraError,
     normalize_cameras,
     plucker_ray_map,
+    select_neighbor_views,
     to_homogeneous,
     validate_cam_to_world,
     validate_intrinsics,
 )
-from .attention import CrossViewAttention, select_neighbor_views
+from .attention import CrossViewAttention
+from .checkpoint import load_adapters, save_adapters
+from .config import MVFMConfig
 
-__all__ = ["MVFMConfig", "MVAdapter", "MultiViewFoundationModel", "create_mvfm", "RUNTIME_FIELDS"]
-
-# Config fields that change how attention is computed but not the parameters: an adapter
-# checkpoint may be run with other values (e.g. trained global, deployed knn).
-RUNTIME_FIELDS = ("attention", "num_neighbors", "kv_pool")
-
-
-@dataclass(frozen=True)
-class MVFMConfig:
-    """Architecture of the MV-Adapters (everything a checkpoint must match)."""
-
-    adapter_blocks: Optional[Tuple[int, ...]] = None
-    """Indices of the transformer blocks followed by an adapter (negative counts from the end); None = every block."""
-    share_adapters: bool = False
-    """Use one shared adapter for all adapted blocks after the first (the authors' code does this)."""
-    adapter_dim: Optional[int] = None
-    """Width inside the adapters; None = half the backbone's token width (adapters then cost ~0.3x the
-    backbone instead of ~1x; set it to the backbone width to match the paper)."""
-    num_heads: int = 8
-    """Attention heads in each adapter."""
-    mlp_ratio: float = 4.0
-    """Hidden width of the adapter MLP relative to adapter_dim."""
-    use_rays: bool = True
-    """Condition the first adapter on Plücker ray maps; False = pose-free variant (cameras optional)."""
-    ray_embed_dim: int = 128
-    """Channels of the patchified ray embedding concatenated to the first adapter's input."""
-    reference_frame: Literal["mean", "first"] = "mean"
-    """Canonical camera frame: 'mean' (order-independent) or 'first' (view 0, as in the paper)."""
-    attention: Literal["global", "knn"] = "global"
-    """'global': every view attends to all views (paper); 'knn': each view attends to its num_neighbors closest views."""
-    num_neighbors: int = 3
-    """Views each view attends to in 'knn' mode, chosen by camera pose (by index without poses)."""
-    kv_pool: int = 1
-    """Average-pool other views' keys/values by this factor per side (1 = full resolution)."""
-
-    def __post_init__(self) -> None:
-        if self.attention not in ("global", "knn"):
-            raise ValueError(f"attention must be 'global' or 'knn', got {self.attention!r}")
-        if self.reference_frame not in ("mean", "first"):
-            raise ValueError(f"reference_frame must be 'mean' or 'first', got {self.reference_frame!r}")
-        if self.num_neighbors < 1 or self.kv_pool < 1 or self.num_heads < 1 or self.mlp_ratio <= 0:
-            raise ValueError("num_neighbors, kv_pool and num_heads must be >= 1 and mlp_ratio > 0")
-        if self.adapter_blocks is not None:
-            object.__setattr__(self, "adapter_blocks", tuple(int(i) for i in self.adapter_blocks))
-
-    def to_dict(self) -> Dict[str, object]:
-        d = dataclasses.asdict(self)
-        if d["adapter_blocks"] is not None:
-            d["adapter_blocks"] = list(d["adapter_blocks"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: Dict[str, object]) -> "MVFMConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
-        unknown = set(d) - known
-        if unknown:
-            raise ValueError(f"unknown MVFM config fields: {sorted(unknown)}")
-        return cls(**d)
-
-    def to_json(self) -> str:
-        return json.dumps(self.to_dict(), sort_keys=True)
-
-
+__all__ = ["MVAdapter", "MultiViewFoundationModel"]
 class MVAdapter(nn.Module):
     """One MV-Adapter: cross-view attention + MLP, added residually through a zero-initialised projection.
 
@@ -303,60 +241,12 @@ class MultiViewFoundationModel(nn.Module):
     # ------------------------------------------------------------------ checkpoints
     def save_adapters(self, path, metadata: Optional[Dict[str, str]] = None) -> None:
         """Write the adapters (not the backbone) as safetensors with config metadata."""
-        from .checkpoint import save_adapters
-
         save_adapters(self, path, metadata)
 
     def load_adapters(self, path) -> Dict[str, str]:
         """Load adapters saved by :meth:`save_adapters`; raises if backbone or config differ."""
-        from .checkpoint import load_adapters
-
         return load_adapters(self, path)
 
 
 def _bad_block(b: int, depth: int) -> int:
     raise ValueError(f"adapter block index {b} is out of range for a backbone with {depth} blocks")
-
-
-def create_mvfm(
-    backbone: str,
-    weights: WeightsSource = "pretrained",
-    tiny: bool = False,
-    adapters: Optional[str] = None,
-    **config,
-) -> MultiViewFoundationModel:
-    """Build a multi-view foundation model.
-
-    Args:
-        backbone: registered backbone name (:func:`mvfm_nerfstudio.list_backbones`).
-        weights: backbone weights: ``"pretrained"`` (timm / Hugging Face cache or hub),
-            a local weights file, or ``"random"`` (tests and demos only).
-        tiny: tiny random test-size backbone of the same family (``weights="random"`` only).
-        adapters: optional adapter checkpoint (``.safetensors``) to load; its stored
-            config is used, and any ``config`` given must agree with it.
-        **config: fields of :class:`MVFMConfig` (e.g. ``attention="knn"``, ``use_rays=False``).
-
-    Example:
-        >>> model = create_mvfm("dinov2_vits14_reg", weights="random", tiny=True)
-        >>> feats = model(images, intrinsics, cam_to_world)   # [B, S, F, h, w]
-    """
-    if adapters is not None:
-        from .checkpoint import read_adapter_metadata
-
-        stored = MVFMConfig.from_dict(json.loads(read_adapter_metadata(adapters)["config"]))
-        given = MVFMConfig.from_dict(config)
-        mismatched = {
-            k: (getattr(given, k), getattr(stored, k))
-            for k in config
-            if k not in RUNTIME_FIELDS and getattr(given, k) != getattr(stored, k)
-        }
-        if mismatched:
-            raise ValueError(
-                f"adapter checkpoint {adapters} was trained with a different architecture; "
-                f"(given, stored): {mismatched}"
-            )
-        config = {**stored.to_dict(), **{k: v for k, v in config.items() if k in RUNTIME_FIELDS}}
-    model = MultiViewFoundationModel(create_backbone(backbone, weights, tiny=tiny), MVFMConfig.from_dict(config))
-    if adapters is not None:
-        model.load_adapters(adapters)
-    return model

@@ -5,10 +5,14 @@ purpose: Nerfstudio loads entry points while its own modules are still importing
 this file must not import datamanagers, pipelines or models (a circular import here
 breaks every ``ns-*`` command). Import the submodules directly:
 
-* :mod:`.feature_store` — :class:`FeatureStore`: MVFM feature extraction + on-disk cache
-  (no Nerfstudio or ray-sampler dependency);
 * :mod:`.datamanager` — ray-based (:class:`MVFMDataManager`) and full-image
-  (:class:`MVFMFullImageDatamanager`) datamanagers that add ``"feature"`` to batches;
-* :mod:`.features_model` — the ``mvfm-features`` model (nerfacto + feature field);
-* :mod:`.features_method` — the ``mvfm-features`` method specification (entry point).
+  (:class:`MVFMFullImageDatamanager`) datamanagers that add ``"feature"`` to batches
+  (features from the core's :class:`~mvfm_nerfstudio.feature_store.FeatureStore`);
+* :mod:`.feature_head` — the feature head both models share (config fields, loss and metric,
+  display basis, query, viewer panels, lazy LPIPS);
+* :mod:`.features_model` / :mod:`.features_method` — ``mvfm-features`` (nerfacto + feature field);
+* :mod:`.splat_model` / :mod:`.splat_method` — ``mvfm-splat`` (splatfacto + per-Gaussian latents,
+  rendered with the core's :mod:`mvfm_nerfstudio.splatting`);
+* :mod:`.viewer_panels` — PCA colours and click-to-query controls in the viewer;
+* :mod:`.demo` — ``mvfm-demo``.
 """

@@ -8,7 +8,7 @@
   training data carry ``data["feature"]`` ``[h, w, D]`` float32, the whole image's feature
   map. It spans the full ``H x W`` image (``data["image"]``): cell ``(i, j)`` is centred at
   pixel ``((j + 0.5) W / w, (i + 0.5) H / h)``; upsample with
-  :func:`~mvfm_nerfstudio.feature_store.resize_feature_map` (bilinear,
+  :func:`~mvfm_nerfstudio.geometry.feature_grid.resize_map` (bilinear,
   ``align_corners=False``) or render at ``h x w`` by scaling the camera with
   ``camera.rescale_output_resolution(...)``. ``data["feature_grid"]`` holds ``(h, w)``.
 
@@ -28,6 +28,7 @@ Evaluation batches carry no features (the feature loss is a training signal only
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, Tuple, Type
@@ -40,8 +41,9 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
-from ..geometry.cameras import opengl_to_opencv, to_homogeneous
 from ..feature_store import FeatureStore, FeatureStoreConfig, ViewSource, describe
+from ..geometry.cameras import opengl_to_opencv, to_homogeneous
+from .feature_head import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
 
 __all__ = [
     "MVFMDataManagerConfig",
@@ -49,12 +51,7 @@ __all__ = [
     "MVFMFullImageDatamanagerConfig",
     "MVFMFullImageDatamanager",
     "view_source_from_dataset",
-    "FEATURE_DIM_KEY",
-    "DISPLAY_BASIS_KEY",
 ]
-
-FEATURE_DIM_KEY = "mvfm_feature_dim"
-DISPLAY_BASIS_KEY = "mvfm_display_basis"
 
 
 def view_source_from_dataset(dataset, load_image, data_root: Path, extra_key: Dict[str, object]) -> ViewSource:
@@ -168,7 +165,7 @@ class MVFMFullImageDatamanager(FullImageDatamanager):
         if config.cache_images == "cpu" and not torch.cuda.is_available():
             # Nerfstudio pins 'cpu'-cached images, which needs CUDA; without it the training device is the CPU.
             CONSOLE.print("No CUDA: caching images on the training device (cache_images='gpu') instead of pinned memory")
-            config.cache_images = "gpu"
+            config = dataclasses.replace(config, cache_images="gpu")  # a copy: the caller's config stays as given
         super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kw)
         ds = self.train_dataset
         distorted = ds.cameras.distortion_params is not None and bool((ds.cameras.distortion_params != 0).any())

@@ -10,26 +10,28 @@
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Optional
+from typing import Optional
 
 import tyro
 
+from ..backbones.vit import create_backbone
+from ..errors import CheckpointMismatchError, WeightsUnavailableError
+from ..models.build import ModelSpec
+from ..utils.runtime import resolve_device
+
 
 @dataclass
-class DemoArgs:
-    """Train an MVFM feature field (mvfm-features) on the generated demo scene and show how to view it."""
+class DemoArgs(ModelSpec):
+    """Train an MVFM feature field (mvfm-features) on the generated demo scene and show how to view it.
 
-    weights: str = "pretrained"
-    """Backbone weights: 'pretrained' (Hugging Face cache, else download), a local .safetensors/.pth file, or
-    'random' (runs anywhere, but the features then carry no meaning)."""
-    backbone: str = "dinov2_vits14_reg"
-    """Foundation backbone (see mvfm-info)."""
-    adapters: Optional[Path] = None
-    """MV-Adapter checkpoint (from mvfm-train); None = untrained adapters (the base model's features)."""
+    The model options (--weights, --backbone, --adapters, --tiny, --model-seed, --device) are the feature store's.
+    """
+
     output_dir: Path = Path("outputs/mvfm-demo")
     """Where the scene (if generated), the feature cache and the Nerfstudio run go."""
     scene: Optional[Path] = None
@@ -42,10 +44,6 @@ class DemoArgs:
     """Feature-grid cells along each image's longer side (MVFM input = this x patch size)."""
     feature_dim: int = 32
     """Channels kept by the cache's PCA."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Training device ('auto' = cuda if available)."""
-    tiny: bool = False
-    """Tiny 2-block backbone (with --weights random): a fast smoke test."""
     scene_views: int = 24
     """Views of the generated demo scene."""
     num_threads: int = 1
@@ -55,9 +53,6 @@ class DemoArgs:
 
 def _check_weights(args: DemoArgs) -> None:
     """Fail fast with the core's weights message (all options) plus the demo's own flag."""
-    from mvfm_nerfstudio import WeightsUnavailableError, create_backbone
-    from mvfm_nerfstudio.backbones.vit import CheckpointMismatchError
-
     if args.weights == "random":
         return
     try:
@@ -85,11 +80,9 @@ def _demo_scene(args: DemoArgs) -> Path:
 
 def build_config(args: DemoArgs, scene: Path):
     """The ``mvfm-features`` trainer config of the demo (nerfacto scaled down for a CPU)."""
-    import torch
+    from .features_method import mvfm_features_config
 
-    from mvfm_nerfstudio.nerfstudio_plugin.features_method import mvfm_features_config
-
-    device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    device = resolve_device(args.device).type
     config = mvfm_features_config()
     config.experiment_name = "demo"
     config.output_dir = args.output_dir / "runs"
@@ -106,7 +99,9 @@ def build_config(args: DemoArgs, scene: Path):
     dm.train_num_rays_per_batch = args.rays_per_batch
     dm.eval_num_rays_per_batch = args.rays_per_batch
     f = dm.features
-    f.backbone, f.weights, f.tiny, f.adapters = args.backbone, args.weights, args.tiny, args.adapters
+    for spec_field in dataclasses.fields(ModelSpec):  # the model fields; device 'auto' = the trainer's
+        if spec_field.name != "device":
+            setattr(f, spec_field.name, getattr(args, spec_field.name))
     f.feature_resolution, f.feature_dim = args.feature_resolution, args.feature_dim
     f.cache_dir = args.output_dir / "feature_cache"
     m = config.pipeline.model

@@ -22,21 +22,17 @@ Design:
   once a query feature is set, ``similarity`` and ``segmentation`` ``[..., 1]``.
 * :meth:`MVFMFeaturesModel.feature_at_ray` renders the feature along one ray (the
   viewer's click-to-query).
-* LPIPS: nerfacto builds torchmetrics' LPIPS in ``populate_modules``, which downloads
-  AlexNet weights (fails offline). Here it is a lazy stand-in, built on first use only if
-  ``compute_lpips=True``; otherwise the ``lpips`` eval metric is omitted.
+* The feature loss and metric, display basis, query, viewer panels and the lazy LPIPS are the
+  shared feature head (:mod:`.feature_head`).
 """
 
 from __future__ import annotations
 
 import threading
-from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Literal, Optional, Tuple, Type
+from typing import Dict, List, Literal, Tuple, Type
 
 import torch
-import torch.nn.functional as F
-from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.cameras.rays import RayBundle, RaySamples
 from nerfstudio.data.scene_box import SceneBox
 from nerfstudio.field_components.encodings import HashEncoding
@@ -46,23 +42,9 @@ from nerfstudio.models.nerfacto import NerfactoModel, NerfactoModelConfig
 from torch import nn
 from torch.nn import Parameter
 
-from ..features import FeatureDisplay, PCABasis
-from .datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
-from .viewer_panels import FeaturePanels
+from .feature_head import FeatureHeadConfig, FeatureHeadMixin, check_ray
 
-__all__ = ["MVFMFeaturesModelConfig", "MVFMFeaturesModel", "FeatureField", "feature_loss"]
-
-
-def feature_loss(pred: torch.Tensor, target: torch.Tensor, kind: str) -> torch.Tensor:
-    """Distillation loss between rendered and cached features ``[R, D]`` (see the module docstring)."""
-    if kind not in ("mse", "cosine", "mse+cosine"):
-        raise ValueError(f"feature_loss must be 'mse', 'cosine' or 'mse+cosine', got {kind!r}")
-    loss = pred.new_zeros(())
-    if "mse" in kind:
-        loss = loss + F.mse_loss(pred, target)
-    if "cosine" in kind:
-        loss = loss + (1 - F.cosine_similarity(pred, target, dim=-1, eps=1e-6)).mean()
-    return loss
+__all__ = ["MVFMFeaturesModelConfig", "MVFMFeaturesModel", "FeatureField"]
 
 
 class FeatureField(nn.Module):
@@ -115,58 +97,11 @@ class _CapturingDepthRenderer(DepthRenderer):
         return last
 
 
-class _LazyLPIPS:
-    """Stand-in for torchmetrics' LPIPS: built on first call when enabled (its constructor downloads AlexNet)."""
-
-    def __init__(self, enabled: bool):
-        self.enabled = enabled
-        self._metric = None
-
-    def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return torch.tensor(float("nan"))
-        if self._metric is None:
-            from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
-
-            self._metric = LearnedPerceptualImagePatchSimilarity(normalize=True)
-        return self._metric.to(a.device)(a, b)
-
-
-@contextmanager
-def _lazy_lpips(enabled: bool) -> Iterator[None]:
-    """While active, constructing torchmetrics' LPIPS returns a :class:`_LazyLPIPS` instead."""
-    import torchmetrics.image.lpip as lpip_module
-
-    original = lpip_module.LearnedPerceptualImagePatchSimilarity
-    lpip_module.LearnedPerceptualImagePatchSimilarity = lambda *a, **k: _LazyLPIPS(enabled)  # type: ignore
-    try:
-        yield
-    finally:
-        lpip_module.LearnedPerceptualImagePatchSimilarity = original
-
-
-class FeatureEvalImagesMixin:
-    """Evaluation metrics/images of both MVFM models (put before the Nerfstudio model in the bases):
-    no ``lpips`` metric unless ``config.compute_lpips``, plus the ``feature_pca`` image."""
-
-    def get_image_metrics_and_images(self, outputs, batch):
-        metrics, images = super().get_image_metrics_and_images(outputs, batch)  # type: ignore[misc]
-        if not self.config.compute_lpips:  # type: ignore[attr-defined]
-            metrics.pop("lpips", None)
-        images["feature_pca"] = outputs["feature_pca"]
-        return metrics, images
-
-
 @dataclass
-class MVFMFeaturesModelConfig(NerfactoModelConfig):
+class MVFMFeaturesModelConfig(FeatureHeadConfig, NerfactoModelConfig):
     """nerfacto + an MVFM feature field (the feature dimension comes from the datamanager's feature cache)."""
 
     _target: Type = field(default_factory=lambda: MVFMFeaturesModel)
-    feature_loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
-    """Feature distillation loss: 'mse' (matches direction and magnitude of the PCA-centred cached features),
-    'cosine' (1 - cos, scale-free) or their sum."""
-    feature_loss_mult: float = 1.0
-    """Weight of the feature loss relative to nerfacto's RGB loss."""
     feature_num_levels: int = 12
     """Hash-grid levels of the feature field."""
     feature_max_res: int = 256
@@ -183,42 +118,22 @@ class MVFMFeaturesModelConfig(NerfactoModelConfig):
     """Evaluate the feature field only at each ray's this many highest-weight samples (weights renormalised over
     them); 0 = at every sample. Fewer evaluations are faster; the field is smooth and nerfacto's weights
     concentrate at the surface, so a few samples carry almost all of the weight."""
-    segmentation_threshold: float = 0.7
-    """Initial cosine-similarity threshold of the 'segmentation' output."""
-    compute_lpips: bool = False
-    """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
 
 
-class MVFMFeaturesModel(FeatureEvalImagesMixin, NerfactoModel):
+class MVFMFeaturesModel(FeatureHeadMixin, NerfactoModel):
     """nerfacto with a feature field supervised by MVFM features (see the module docstring)."""
 
     config: MVFMFeaturesModelConfig
+    datamanager_hint = "the MVFM datamanager (mvfm_nerfstudio.nerfstudio_plugin.datamanager.MVFMDataManagerConfig)"
 
     def populate_modules(self):
-        with _lazy_lpips(self.config.compute_lpips):
-            super().populate_modules()
-        metadata = self.kwargs.get("metadata") or {}
-        if FEATURE_DIM_KEY not in metadata:
-            raise ValueError(
-                "the mvfm-features model needs MVFM features: use the MVFM datamanager "
-                "(mvfm_nerfstudio.nerfstudio_plugin.datamanager.MVFMDataManagerConfig), which puts "
-                f"{FEATURE_DIM_KEY!r} into the training dataset metadata"
-            )
-        dim = int(metadata[FEATURE_DIM_KEY])
+        super().populate_modules()  # nerfacto, then the feature head (display, panels)
         c = self.config
         self.feature_field = FeatureField(
-            dim, c.feature_num_levels, c.feature_max_res, c.feature_log2_hashmap_size, c.feature_features_per_level,
-            c.feature_hidden_dim, c.feature_num_layers, c.implementation,
+            self.feature_dim, c.feature_num_levels, c.feature_max_res, c.feature_log2_hashmap_size,
+            c.feature_features_per_level, c.feature_hidden_dim, c.feature_num_layers, c.implementation,
         )
-        self.feature_display = FeatureDisplay(dim, threshold=c.segmentation_threshold)
-        if metadata.get(DISPLAY_BASIS_KEY) is not None:
-            self.feature_display.set_basis(PCABasis.from_state(metadata[DISPLAY_BASIS_KEY]))
         self.renderer_expected_depth = _CapturingDepthRenderer(method="expected")
-        self.feature_panels = FeaturePanels(self)  # viewer: PCA lock/refresh, click-to-query
-
-    @property
-    def feature_dim(self) -> int:
-        return self.feature_display.feature_dim
 
     def get_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_param_groups()
@@ -251,26 +166,9 @@ class MVFMFeaturesModel(FeatureEvalImagesMixin, NerfactoModel):
         outputs.update(self.feature_display(feature))
         return outputs
 
-    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, torch.Tensor]:
-        """Full-frame render; the viewer panels may refit the PCA colours to it and add ``segmentation_overlay``."""
-        return self.feature_panels.after_render(super().get_outputs_for_camera(camera, obb_box=obb_box))
-
-    def get_metrics_dict(self, outputs, batch):
-        metrics = super().get_metrics_dict(outputs, batch)
-        if "feature" in batch:
-            with torch.no_grad():
-                target = batch["feature"].to(outputs["feature"])
-                metrics["feature_cosine"] = F.cosine_similarity(outputs["feature"], target, dim=-1).mean()
-        return metrics
-
-    def get_loss_dict(self, outputs, batch, metrics_dict=None):
-        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        if "feature" in batch:
-            target = batch["feature"].to(outputs["feature"])
-            loss_dict["feature_loss"] = self.config.feature_loss_mult * feature_loss(
-                outputs["feature"], target, self.config.feature_loss
-            )
-        return loss_dict
+    def feature_pair(self, outputs, batch) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Rendered and cached features of the batch's rays, both ``[R, D]``."""
+        return outputs["feature"], batch["feature"].to(outputs["feature"])
 
     @torch.no_grad()
     def feature_at_ray(self, origin: torch.Tensor, direction: torch.Tensor, camera_index: int = 0) -> torch.Tensor:
@@ -286,14 +184,10 @@ class MVFMFeaturesModel(FeatureEvalImagesMixin, NerfactoModel):
         Returns:
             ``[D]`` feature (float32, on the model's device).
         """
-        origin = torch.as_tensor(origin, dtype=torch.float32, device=self.device).reshape(1, 3)
-        direction = torch.as_tensor(direction, dtype=torch.float32, device=self.device).reshape(1, 3)
-        norm = direction.norm()
-        if not torch.isfinite(norm) or norm <= 0 or not torch.isfinite(origin).all():
-            raise ValueError(f"feature_at_ray needs a finite origin and a non-zero direction, got {origin}, {direction}")
+        origin, direction = check_ray(origin, direction, self.device)
         bundle = RayBundle(
-            origins=origin,
-            directions=direction / norm,
+            origins=origin[None],
+            directions=direction[None],
             pixel_area=torch.full((1, 1), 1e-6, device=self.device),
             camera_indices=torch.full((1, 1), camera_index, dtype=torch.long, device=self.device),
         )
@@ -304,7 +198,3 @@ class MVFMFeaturesModel(FeatureEvalImagesMixin, NerfactoModel):
         finally:
             self.train(was_training)
         return outputs["feature"][0]
-
-    def set_query(self, query: Optional[torch.Tensor]) -> None:
-        """Set (or clear with None) the ``[D]`` query feature behind the similarity/segmentation outputs."""
-        self.feature_display.set_query(query)

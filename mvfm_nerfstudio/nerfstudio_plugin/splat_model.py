@@ -9,7 +9,7 @@ Design:
   ``load_state_dict`` resizes it with the others.
 * **One pass**: RGB (from the spherical harmonics, evaluated per Gaussian), the latents and,
   when needed, depth are concatenated as channels and composited together by
-  :func:`~mvfm_nerfstudio.nerfstudio_plugin.rasterize.rasterize` (gsplat's CUDA rasteriser
+  :func:`~mvfm_nerfstudio.splatting.rasterize` (gsplat's CUDA rasteriser
   with a GPU, our PyTorch tile compositor on CPU).
 * **Decoder per pixel, after rasterising**: a small MLP maps the composited latent (divided
   by the accumulation, so partially transparent pixels still match their target; the same
@@ -22,14 +22,15 @@ Design:
   linear decoder, ``decoder_hidden_dim=0``).
 * Feature loss (``feature_loss``: mse / cosine / both, as ``mvfm-features``) against the
   datamanager's ``data["feature"]`` ``[h, w, D]``; ``feature_loss_resolution="render"``
-  upsamples the cached map to the render (bilinear, ``align_corners=False``: cell
-  ``(i, j)`` centred at pixel ``((j + 0.5) W / w, (i + 0.5) H / h)``), ``"grid"`` instead
-  resamples the rendered map to the feature grid (antialiased bilinear, the same
-  pixel-centre mapping). The feature loss also moves the geometry (one pass).
+  upsamples the cached map to the render, ``"grid"`` instead resamples the rendered map to the
+  feature grid (both :func:`~mvfm_nerfstudio.geometry.feature_grid.resize_map`: cell ``(i, j)``
+  centred at pixel ``((j + 0.5) W / w, (i + 0.5) H / h)``, antialiased when shrinking). The
+  feature loss also moves the geometry (one pass).
 * CPU: no ``.cuda()`` anywhere (splatfacto's seeded initialisation and ``get_outputs`` have
   one); cameras go from Nerfstudio's OpenGL camera-to-world to the rasteriser's OpenCV
-  world-to-camera with :func:`mvfm_nerfstudio.geometry.opengl_to_opencv`; LPIPS is a lazy
-  stand-in (``compute_lpips``), never downloading AlexNet unless asked.
+  world-to-camera with :func:`mvfm_nerfstudio.geometry.opengl_to_opencv` and
+  :func:`~mvfm_nerfstudio.geometry.cameras.invert_pose`; the feature head (loss, display, panels,
+  lazy LPIPS) is shared with ``mvfm-features`` (:mod:`.feature_head`).
 * Outputs: ``rgb``, ``depth``, ``accumulation``, ``background``, ``feature`` ``[H, W, D]``,
   ``feature_pca`` (fixed basis from the feature cache, saved in the checkpoint) and, with a
   query set, ``similarity``/``segmentation``. :meth:`MVFMSplatModel.feature_at_ray` renders
@@ -42,60 +43,21 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Literal, Optional, Tuple, Type, Union
 
 import torch
-import torch.nn.functional as F
 from nerfstudio.cameras.cameras import Cameras
 from nerfstudio.models.splatfacto import RGB2SH, SplatfactoModel, SplatfactoModelConfig, num_sh_bases, random_quat_tensor
 from torch import Tensor, nn
 from torch.nn import Parameter
 
-from ..features import FeatureDisplay, PCABasis
-from ..geometry.cameras import opengl_to_opencv, to_homogeneous
-from .datamanager import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
-from ..feature_store import resize_feature_map
-from .features_model import FeatureEvalImagesMixin, _lazy_lpips, feature_loss
-from .rasterize import rasterize, sh_colors
-from .viewer_panels import FeaturePanels
+from ..geometry.cameras import invert_pose, look_along, opengl_to_opencv
+from ..geometry.feature_grid import resize_map
+from ..splatting import rasterize, sh_colors
+from .feature_head import FeatureHeadConfig, FeatureHeadMixin, check_ray
 
-__all__ = ["MVFMSplatModelConfig", "MVFMSplatModel", "world_to_camera_opencv", "resample_to_grid"]
-
-
-def world_to_camera_opencv(cam_to_world_opengl: Tensor) -> Tensor:
-    """Nerfstudio (OpenGL) camera-to-world ``[3|4, 4]`` -> OpenCV world-to-camera ``[4, 4]`` (differentiable)."""
-    c2w = opengl_to_opencv(to_homogeneous(cam_to_world_opengl))
-    rot_t = c2w[:3, :3].T
-    top = torch.cat([rot_t, -rot_t @ c2w[:3, 3:4]], dim=1)
-    return torch.cat([top, c2w.new_tensor([[0.0, 0.0, 0.0, 1.0]])], dim=0)
-
-
-def resample_to_grid(feature: Tensor, grid: Tuple[int, int]) -> Tensor:
-    """Resample a rendered ``[H, W, D]`` map to the ``(h, w)`` feature grid -> ``[h, w, D]``.
-
-    Bilinear with ``align_corners=False`` and antialiasing (a triangle filter as wide as a
-    cell when downsampling): cell ``(i, j)`` is centred at pixel ``((j + 0.5) W / w,
-    (i + 0.5) H / h)``, the feature cache's convention.
-    """
-    x = feature.permute(2, 0, 1)[None]
-    down = grid[0] < feature.shape[0] or grid[1] < feature.shape[1]
-    out = F.interpolate(x, size=tuple(grid), mode="bilinear", align_corners=False, antialias=down)
-    return out[0].permute(1, 2, 0)
-
-
-def _look_along(origin: Tensor, direction: Tensor) -> Tensor:
-    """OpenCV world-to-camera ``[4, 4]`` of a camera at ``origin`` looking along ``direction``."""
-    z = direction / direction.norm()
-    up = torch.tensor([0.0, 0.0, 1.0], device=z.device) if z[2].abs() < 0.9 else torch.tensor([0.0, 1.0, 0.0], device=z.device)
-    x = torch.linalg.cross(up, z)
-    x = x / x.norm()
-    y = torch.linalg.cross(z, x)
-    rot = torch.stack([x, y, z], dim=0)  # rows: camera axes in world coordinates = world-to-camera rotation
-    view = torch.eye(4, device=z.device)
-    view[:3, :3] = rot
-    view[:3, 3] = -rot @ origin
-    return view
+__all__ = ["MVFMSplatModelConfig", "MVFMSplatModel"]
 
 
 @dataclass
-class MVFMSplatModelConfig(SplatfactoModelConfig):
+class MVFMSplatModelConfig(FeatureHeadConfig, SplatfactoModelConfig):
     """splatfacto + per-Gaussian latent features decoded to MVFM features (see the module docstring)."""
 
     _target: Type = field(default_factory=lambda: MVFMSplatModel)
@@ -105,11 +67,6 @@ class MVFMSplatModelConfig(SplatfactoModelConfig):
     """Hidden width of the per-pixel latent -> MVFM feature MLP; 0 = a linear decoder."""
     latent_init_std: float = 0.1
     """Standard deviation of the random initial latents."""
-    feature_loss: Literal["mse", "cosine", "mse+cosine"] = "mse"
-    """Feature distillation loss: 'mse' (matches direction and magnitude of the PCA-centred cached features),
-    'cosine' (1 - cos, scale-free) or their sum."""
-    feature_loss_mult: float = 1.0
-    """Weight of the feature loss relative to splatfacto's RGB loss."""
     feature_loss_resolution: Literal["render", "grid"] = "render"
     """Where the feature loss is computed: 'render' (cached map upsampled to the render) or 'grid' (render resampled
     to the cached feature grid)."""
@@ -121,10 +78,6 @@ class MVFMSplatModelConfig(SplatfactoModelConfig):
     max_gaussians_per_block: Optional[int] = None
     """PyTorch rasteriser: consider only the front K Gaussians of each 8x8 block (None = all, exact; a cap bounds
     the cost of crowded blocks)."""
-    segmentation_threshold: float = 0.7
-    """Initial cosine-similarity threshold of the 'segmentation' output."""
-    compute_lpips: bool = False
-    """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
     ray_query_focal: float = 1000.0
     """Focal length (pixels) of the small pinhole camera feature_at_ray renders: larger = a thinner ray."""
     max_num_gaussians: Optional[int] = None
@@ -133,45 +86,35 @@ class MVFMSplatModelConfig(SplatfactoModelConfig):
     """The same cap when training on CPU, where time per iteration grows with the count. None = no cap."""
 
 
-class MVFMSplatModel(FeatureEvalImagesMixin, SplatfactoModel):
+class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
     """Gaussian splatting with per-Gaussian latent features decoded to MVFM features (see the module docstring)."""
 
     config: MVFMSplatModelConfig
+    datamanager_hint = ("the full-image MVFM datamanager "
+                        "(mvfm_nerfstudio.nerfstudio_plugin.datamanager.MVFMFullImageDatamanagerConfig)")
 
     def populate_modules(self):
         c = self.config
         if c.use_bilateral_grid:
             raise ValueError("mvfm-splat does not support use_bilateral_grid (set --pipeline.model.use-bilateral-grid "
                              "False)")
-        metadata = self.kwargs.get("metadata") or {}
-        if FEATURE_DIM_KEY not in metadata:
-            raise ValueError(
-                "the mvfm-splat model needs MVFM features: use the full-image MVFM datamanager "
-                "(mvfm_nerfstudio.nerfstudio_plugin.datamanager.MVFMFullImageDatamanagerConfig), which puts "
-                f"{FEATURE_DIM_KEY!r} into the training dataset metadata"
-            )
         seed = self.seed_points
         # splatfacto's seeded initialisation calls .cuda(): let it initialise randomly, then re-seed on any device
         self.seed_points = None
-        with _lazy_lpips(c.compute_lpips):
-            super().populate_modules()
+        super().populate_modules()  # splatfacto, then the feature head (display, panels)
         self.seed_points = seed
         if seed is not None and not c.random_init and len(seed[0]) >= 4:
             self._init_gaussians(seed[0].float(), seed[1].float() / 255.0 if len(seed[1]) else None)
         n = self.num_points
         self.gauss_params["latents"] = Parameter(torch.randn(n, c.latent_dim) * c.latent_init_std)
 
-        dim = int(metadata[FEATURE_DIM_KEY])
+        dim = self.feature_dim
         if c.decoder_hidden_dim > 0:
             self.feature_decoder = nn.Sequential(
                 nn.Linear(c.latent_dim, c.decoder_hidden_dim), nn.ReLU(), nn.Linear(c.decoder_hidden_dim, dim)
             )
         else:
             self.feature_decoder = nn.Linear(c.latent_dim, dim)
-        self.feature_display = FeatureDisplay(dim, threshold=c.segmentation_threshold)
-        if metadata.get(DISPLAY_BASIS_KEY) is not None:
-            self.feature_display.set_basis(PCABasis.from_state(metadata[DISPLAY_BASIS_KEY]))
-        self.feature_panels = FeaturePanels(self)  # viewer: PCA lock/refresh, click-to-query
 
     def _init_gaussians(self, means: Tensor, rgb: Optional[Tensor]) -> None:
         """(Re)initialise the Gaussians at ``means [N, 3]`` with colours ``rgb [N, 3]`` in [0, 1] (as splatfacto)."""
@@ -193,10 +136,6 @@ class MVFMSplatModel(FeatureEvalImagesMixin, SplatfactoModel):
     @property
     def latents(self) -> Tensor:
         return self.gauss_params["latents"]
-
-    @property
-    def feature_dim(self) -> int:
-        return self.feature_display.feature_dim
 
     def get_gaussian_param_groups(self) -> Dict[str, List[Parameter]]:
         groups = super().get_gaussian_param_groups()
@@ -227,10 +166,6 @@ class MVFMSplatModel(FeatureEvalImagesMixin, SplatfactoModel):
             return super().step_post_backward(step)
         finally:
             self.strategy.grow_grad2d, self.strategy.grow_scale2d = grow
-
-    def set_query(self, query: Optional[Tensor]) -> None:
-        """Set (or clear with None) the ``[D]`` query feature behind the similarity/segmentation outputs."""
-        self.feature_display.set_query(query)
 
     # ------------------------------------------------------------------------------------------ rendering
 
@@ -280,7 +215,7 @@ class MVFMSplatModel(FeatureEvalImagesMixin, SplatfactoModel):
         K = camera.get_intrinsics_matrices().reshape(-1, 3, 3)[0].to(self.device).float()
         K = torch.cat([K[:2] / d, K[2:]], dim=0)
         width, height = int(camera.width.reshape(-1)[0]) // d, int(camera.height.reshape(-1)[0]) // d
-        return world_to_camera_opencv(c2w.to(self.device).float()), K, width, height
+        return invert_pose(opengl_to_opencv(c2w.to(self.device).float())), K, width, height
 
     def get_outputs(self, camera: Cameras) -> Dict[str, Union[Tensor, List]]:
         """Render one camera: ``rgb``, ``depth``, ``accumulation``, ``background``, ``feature``, ``feature_pca``, ..."""
@@ -313,10 +248,6 @@ class MVFMSplatModel(FeatureEvalImagesMixin, SplatfactoModel):
         outputs.update(self.feature_display(feature))
         return outputs  # type: ignore[return-value]
 
-    def get_outputs_for_camera(self, camera: Cameras, obb_box=None) -> Dict[str, torch.Tensor]:
-        """Full-frame render; the viewer panels may refit the PCA colours to it and add ``segmentation_overlay``."""
-        return self.feature_panels.after_render(super().get_outputs_for_camera(camera, obb_box=obb_box))
-
     @torch.no_grad()
     def feature_at_ray(self, origin: Tensor, direction: Tensor, camera_index: int = 0,
                        focal: Optional[float] = None) -> Tensor:
@@ -338,47 +269,27 @@ class MVFMSplatModel(FeatureEvalImagesMixin, SplatfactoModel):
         Returns:
             ``[D]`` feature (float32, on the model's device).
         """
-        origin = torch.as_tensor(origin, dtype=torch.float32, device=self.device).reshape(3)
-        direction = torch.as_tensor(direction, dtype=torch.float32, device=self.device).reshape(3)
-        norm = direction.norm()
-        if not torch.isfinite(norm) or norm <= 0 or not torch.isfinite(origin).all():
-            raise ValueError(f"feature_at_ray needs a finite origin and a non-zero direction, got {origin}, {direction}")
+        origin, direction = check_ray(origin, direction, self.device)
         f = float(self.config.ray_query_focal if focal is None else focal)
         size = 15
         K = torch.tensor([[f, 0.0, size / 2], [0.0, f, size / 2], [0.0, 0.0, 1.0]], device=self.device)
         was_training = self.training
         self.eval()
         try:
-            _, feature, _, _, _ = self._render(_look_along(origin, direction), K, size, size, render_depth=False)
+            viewmat = invert_pose(look_along(origin, direction))
+            _, feature, _, _, _ = self._render(viewmat, K, size, size, render_depth=False)
         finally:
             self.train(was_training)
         return feature[size // 2, size // 2]
 
     # ------------------------------------------------------------------------------------------ losses
 
-    def _feature_pair(self, outputs: Dict, batch: Dict) -> Tuple[Tensor, Tensor]:
+    def feature_pair(self, outputs: Dict, batch: Dict) -> Tuple[Tensor, Tensor]:
         """Rendered and target feature maps at the loss resolution (both ``[h', w', D]``)."""
         pred = outputs["feature"]
         target = batch["feature"].to(pred)
         if target.ndim != 3 or target.shape[-1] != pred.shape[-1]:
             raise ValueError(f"batch['feature'] must be [h, w, {pred.shape[-1]}], got {list(target.shape)}")
         if self.config.feature_loss_resolution == "grid":
-            return resample_to_grid(pred, tuple(target.shape[:2])), target
-        return pred, resize_feature_map(target, tuple(pred.shape[:2]))
-
-    def get_metrics_dict(self, outputs, batch) -> Dict[str, Tensor]:
-        metrics = super().get_metrics_dict(outputs, batch)
-        if "feature" in batch:
-            with torch.no_grad():
-                pred, target = self._feature_pair(outputs, batch)
-                metrics["feature_cosine"] = F.cosine_similarity(pred, target, dim=-1).mean()
-        return metrics
-
-    def get_loss_dict(self, outputs, batch, metrics_dict=None) -> Dict[str, Tensor]:
-        loss_dict = super().get_loss_dict(outputs, batch, metrics_dict)
-        if "feature" in batch:
-            pred, target = self._feature_pair(outputs, batch)
-            loss_dict["feature_loss"] = self.config.feature_loss_mult * feature_loss(
-                pred.reshape(-1, pred.shape[-1]), target.reshape(-1, target.shape[-1]), self.config.feature_loss
-            )
-        return loss_dict
+            return resize_map(pred, tuple(target.shape[:2])), target
+        return pred, resize_map(target, tuple(pred.shape[:2]))

@@ -63,7 +63,7 @@ from nerfstudio.viewer.viewer_elements import (
 )
 from torch import nn
 
-from ..segmentation import overlay_mask
+from ..features import overlay_mask
 
 __all__ = ["FeaturePanels"]
 

@@ -19,7 +19,8 @@ def main(args: InfoArgs) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from mvfm_nerfstudio import __version__, get_backbone_spec, list_backbones
+    from mvfm_nerfstudio._version import __version__
+    from mvfm_nerfstudio.backbones.registry import get_backbone_spec, list_backbones
     from mvfm_nerfstudio.backbones.vit import cached_pretrained_file
 
     table = Table(title=f"mvfm-nerfstudio {__version__}: registered backbones")

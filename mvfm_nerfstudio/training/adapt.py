@@ -14,9 +14,9 @@ import dataclasses
 from pathlib import Path
 from typing import Optional, Union
 
+from ..data.scene_data import SceneLike
 from ..models.mvfm import MultiViewFoundationModel
 from .config import TrainConfig, config_from_dict, load_preset
-from .scene_data import SceneLike
 from .trainer import Trainer
 
 __all__ = ["adapt_to_scene", "DEFAULT_ADAPT_PRESET"]

@@ -1,25 +1,30 @@
-"""Training configuration (``mvfm-train``) and named presets from ``configs/train/*.yaml``."""
+"""Training configuration (``mvfm-train``) and its named presets.
+
+Presets are package data (``mvfm_nerfstudio/configs/train/*.yaml``), read with
+:mod:`importlib.resources`, so they exist in wheel installs as in a source checkout.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
-from ..models.mvfm import MVFMConfig
+from ..models.build import ModelSpec
+from ..models.config import MVFMConfig
 
-__all__ = ["TrainConfig", "PRESET_DIR", "list_presets", "load_preset", "config_to_dict", "config_from_dict"]
+__all__ = ["TrainConfig", "list_presets", "load_preset", "config_to_dict", "config_from_dict"]
 
-# Presets live in the repository's configs/train folder (next to the package in a source checkout).
-PRESET_DIR = Path(__file__).resolve().parents[2] / "configs" / "train"
+_PRESET_PACKAGE = "mvfm_nerfstudio.configs.train"
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelSpec):
     """Train MV-Adapters on the ground-truth correspondences of posed scenes.
 
     Losses (METHOD.md): dense soft-argmax location loss + ``reg_weight`` x keep-the-base
@@ -31,19 +36,8 @@ class TrainConfig:
     """Scene folders (transforms.json and/or a COLMAP model with tracks, or depth maps)."""
     output_dir: Path = Path("outputs/mvfm-train")
     """Run folder: adapters.safetensors, checkpoints/, tensorboard/, config.json."""
-    backbone: str = "dinov2_vits14_reg"
-    """Registered backbone name (see ``mvfm-info``)."""
-    weights: str = "pretrained"
-    """Backbone weights: 'pretrained', a local weights file, or 'random' (tests and demos)."""
-    tiny: bool = False
-    """Tiny test-size random backbone (2 blocks, width 64); requires weights='random'."""
-    model_seed: int = 0
-    """Torch seed set before building the model: fixes random backbone weights and adapter init (stored in the
-    checkpoint so evaluation rebuilds the same random backbone)."""
     mvfm: MVFMConfig = field(default_factory=MVFMConfig)
     """Adapter architecture."""
-    init_adapters: Optional[Path] = None
-    """Start from these adapters (fine-tuning / per-scene adaptation of a pretrained MVFM)."""
     image_size: int = 224
     """Long image side in pixels (rounded to the patch size; aspect ratio kept)."""
     num_views: int = 4
@@ -94,8 +88,6 @@ class TrainConfig:
     """Held-out view sets per scene for evaluation during training."""
     resume: bool = False
     """Continue from the newest checkpoint in output_dir (bit-exact with an uninterrupted run on CPU)."""
-    device: Literal["auto", "cpu", "cuda"] = "auto"
-    """Training device ('auto' = cuda if available)."""
     num_threads: int = 0
     """Torch CPU threads per process while training (0 = leave torch's setting). On a busy machine fewer
     threads can be much faster."""
@@ -122,7 +114,7 @@ def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
     return d
 
 
-_PATH_FIELDS = {"output_dir", "init_adapters"}
+_PATH_FIELDS = {"output_dir"}
 
 
 def config_from_dict(d: Dict[str, Any], base: Optional[TrainConfig] = None) -> TrainConfig:
@@ -145,28 +137,36 @@ def config_from_dict(d: Dict[str, Any], base: Optional[TrainConfig] = None) -> T
             updates[key] = tuple(Path(p) for p in (value or ()))
         elif key in _PATH_FIELDS:
             updates[key] = None if value is None else Path(value)
+        elif key == "adapters":
+            updates[key] = None if value is None else str(value)
         else:
             updates[key] = value
     return dataclasses.replace(base, **updates)
 
 
+def _preset_files() -> Dict[str, Any]:
+    folder = resources.files(_PRESET_PACKAGE)
+    return {entry.name[: -len(".yaml")]: entry for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
 def list_presets() -> List[str]:
-    """Names of the presets in ``configs/train`` (empty if the folder is not available)."""
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml")) if PRESET_DIR.is_dir() else []
+    """Names of the presets shipped with the package (``mvfm_nerfstudio/configs/train/*.yaml``)."""
+    return sorted(_preset_files())
 
 
 def load_preset(name_or_path: str) -> TrainConfig:
-    """A :class:`TrainConfig` from a preset name (``configs/train/<name>.yaml``) or a YAML/JSON file path."""
+    """A :class:`TrainConfig` from a preset name (see :func:`list_presets`) or a YAML/JSON file path."""
     path = Path(name_or_path)
-    if not path.is_file():
-        path = PRESET_DIR / f"{name_or_path}.yaml"
-    if not path.is_file():
-        raise ValueError(
-            f"unknown training preset {name_or_path!r}: not a file and not one of {list_presets()} "
-            f"(in {PRESET_DIR})"
-        )
-    text = path.read_text()
-    data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    if path.is_file():
+        text, suffix = path.read_text(), path.suffix
+    else:
+        presets = _preset_files()
+        if name_or_path not in presets:
+            raise ValueError(
+                f"unknown training preset {name_or_path!r}: not a file and not one of {sorted(presets)}"
+            )
+        text, suffix = presets[name_or_path].read_text(), ".yaml"
+    data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
     data = data or {}
     data.pop("description", None)
     return config_from_dict(data)

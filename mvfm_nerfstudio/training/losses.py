@@ -4,7 +4,7 @@ All losses take the feature maps of ONE view set, ``[S, C, h, w]``, and its corr
 (:class:`~mvfm_nerfstudio.data.Correspondences`, or anything with ``src_view``/``dst_view`` ``[P]``
 view positions within the set and ``src_xy``/``dst_xy`` ``[P, 2]`` pixel coordinates of the
 training-resolution images, e.g. from ``Correspondences.scaled``).
-Coordinate conventions are those of :mod:`mvfm_nerfstudio.evaluation.grid` (pixel centres at
+Coordinate conventions are those of :mod:`mvfm_nerfstudio.geometry.feature_grid` (pixel centres at
 ``+0.5``, feature cell centres at ``(c + 0.5) * patch``): ground truth and soft-argmax grid agree,
 unlike the authors' ``align_corners=True`` grid, which is biased by half a cell.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Tuple
 import torch
 import torch.nn.functional as F
 
-from ..evaluation.grid import cell_centers, pixel_to_normalized, query_similarity, sample_views
+from ..geometry.feature_grid import cell_centers, pixel_to_normalized, query_similarity, sample_views
 
 if TYPE_CHECKING:
     from ..data import Correspondences

@@ -24,32 +24,25 @@ import re
 import time
 import warnings
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
 
-from ..models.mvfm import MultiViewFoundationModel, create_mvfm
+from ..data.scene_data import SceneData, SceneLike, ViewSet, build_view_sets, heldout_view_sets, prepare_scene
+from ..evaluation.evaluate import evaluate_sets
+from ..models.build import build_model
+from ..models.mvfm import MultiViewFoundationModel
 from ..utils.io import atomic_path, atomic_write
+from ..utils.progress import make_progress
+from ..utils.runtime import torch_threads
 from .config import TrainConfig, config_to_dict
 from .losses import base_regularizer, info_nce_loss, location_loss
-from .progress import make_progress
-from .scene_data import SceneData, SceneLike, ViewSet, build_view_sets, heldout_view_sets, prepare_scene
 
-__all__ = ["Trainer", "build_model", "latest_checkpoint", "model_metadata", "resolve_device"]
+__all__ = ["Trainer", "latest_checkpoint", "model_metadata"]
 
 STATE_VERSION = 1
 _CKPT = re.compile(r"step-(\d{7})\.state\.pt$")
-
-
-def build_model(config: TrainConfig) -> MultiViewFoundationModel:
-    """The MVFM a config describes: seeded backbone (random weights are reproducible) + adapters."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.model_seed)
-        model = create_mvfm(config.backbone, weights=config.weights, tiny=config.tiny, **config.mvfm.to_dict())
-    if config.init_adapters is not None:
-        model.load_adapters(config.init_adapters)
-    return model
 
 
 def model_metadata(config: TrainConfig, step: int, extra: Optional[Dict[str, str]] = None) -> Dict[str, str]:
@@ -63,31 +56,6 @@ def model_metadata(config: TrainConfig, step: int, extra: Optional[Dict[str, str
     }
     meta.update(extra or {})
     return meta
-
-
-@contextlib.contextmanager
-def torch_threads(n: int) -> Iterator[None]:
-    """Use ``n`` torch CPU threads inside the block (0 = leave unchanged); restores the previous count."""
-    before = torch.get_num_threads()
-    if n > 0:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-def resolve_device(name: str) -> torch.device:
-    """'auto' (cuda if available), 'cpu' or 'cuda' (this process's ``LOCAL_RANK`` GPU under torchrun)."""
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda":
-        if not torch.cuda.is_available():
-            raise RuntimeError("device='cuda' but CUDA is not available; use --device cpu")
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
-    if name != "cpu":
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {name!r}")
-    return torch.device("cpu")
 
 
 def latest_checkpoint(output_dir: Path) -> Optional[Tuple[int, Path, Path]]:
@@ -160,12 +128,15 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.config
         _check_config(cfg)
-        self.device = resolve_device(self.config.device)
+        self.device = cfg.resolve_device()
         if self.device.type == "cuda":
             torch.cuda.set_device(self.device)
         self._init_distributed(self.device)
-        self.model = self._given_model if self._given_model is not None else build_model(cfg)
-        self.model.to(self.device)
+        if self._given_model is not None:
+            self.model = self._given_model.to(self.device)
+        else:
+            self.model = build_model(cfg, default_device=self.device, **cfg.mvfm.to_dict())
+        self.model.train()
         patch = self.model.patch_size
         self.scenes: List[SceneData] = []
         self.pools: List[List[ViewSet]] = []
@@ -312,8 +283,6 @@ class Trainer:
 
     def evaluate(self, include_base: bool = True) -> Dict[str, Dict]:
         """Held-out metrics per scene (:meth:`~mvfm_nerfstudio.evaluation.evaluate.EvalResult.summary`)."""
-        from ..evaluation.evaluate import evaluate_sets
-
         self.setup()
         out = {}
         for data, sets in zip(self.scenes, self.heldout_sets()):

@@ -1,4 +1,4 @@
-"""Rich progress bars for training and evaluation (disabled cleanly for non-rank-0 processes)."""
+"""Rich progress bars for long jobs (disabled cleanly for non-rank-0 processes and in tests)."""
 
 from __future__ import annotations
 

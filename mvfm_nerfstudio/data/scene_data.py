@@ -16,27 +16,19 @@ from typing import Callable, List, Optional, Sequence, Tuple, Union
 
 import torch
 
-from ..data import Correspondences, PosedScene, correspondences_from_depth, correspondences_from_tracks, load_scene
+from ..errors import SceneError
+from ..geometry.feature_grid import input_size_for
+from .correspondences import Correspondences, correspondences_from_depth, correspondences_from_tracks
+from .readers import load_scene
+from .sampling import sample_view_sets, split_views
+from .scene import PosedScene
 
 __all__ = [
-    "SceneData", "ViewSet", "resolution_for", "prepare_scene", "build_view_sets", "heldout_view_sets",
+    "SceneData", "SceneLike", "ViewSet", "prepare_scene", "build_view_sets", "heldout_view_sets",
     "usable_heldout_views",
 ]
 
 SceneLike = Union[PosedScene, str, Path]
-
-
-def resolution_for(image_size: Tuple[int, int], long_side: int, patch_size: int) -> Tuple[int, int]:
-    """``(H, W)`` with the long side ~``long_side`` px, both multiples of ``patch_size``, aspect kept.
-
-    Each side is rounded to the nearest multiple of the patch (at least one patch).
-    """
-    if long_side < patch_size:
-        raise ValueError(f"image long side {long_side} is smaller than one {patch_size}px patch")
-    h, w = image_size
-    scale = long_side / max(h, w)
-    rounded = [max(patch_size, int(round(s * scale / patch_size)) * patch_size) for s in (h, w)]
-    return rounded[0], rounded[1]
 
 
 @dataclass
@@ -96,8 +88,13 @@ class SceneData:
 
     @torch.no_grad()
     def compute_base(self, model, chunk: int = 8) -> torch.Tensor:
-        """Cache the frozen base model's features of every view (``model.forward_base``)."""
-        feats = [model.forward_base(self.images[i : i + chunk][None])[0] for i in range(0, len(self.images), chunk)]
+        """Cache the frozen base model's features of every view (``model.forward_base``), on the CPU.
+
+        Images are moved to the model's device chunk by chunk (the scene's images stay on the CPU).
+        """
+        device = next(model.parameters()).device
+        feats = [model.forward_base(self.images[i : i + chunk][None].to(device))[0].cpu()
+                 for i in range(0, len(self.images), chunk)]
         self.base = torch.cat(feats)
         return self.base
 
@@ -131,13 +128,11 @@ def prepare_scene(
         holdout_every: every k-th view is held out (:func:`mvfm_nerfstudio.data.split_views`); 0 = none.
         heldout_views: explicit held-out view indices (overrides ``holdout_every``).
     """
-    from ..data import split_views
-
     if not isinstance(scene, PosedScene):
         scene = load_scene(scene)
     sizes = [tuple(int(v) for v in s) for s in scene.image_sizes.tolist()]
     common = max(set(sizes), key=sizes.count)
-    size = resolution_for(common, long_side, patch_size)
+    size = input_size_for(common, long_side, patch_size)
     if heldout_views is not None:
         held = sorted({int(i) for i in heldout_views})
         train = [i for i in range(len(scene)) if i not in held]
@@ -165,8 +160,6 @@ def build_view_sets(
     max_per_pair: Optional[int] = None,
 ) -> List[ViewSet]:
     """Sample view sets (:func:`mvfm_nerfstudio.data.sample_view_sets`) with (lazily computed) correspondences."""
-    from ..data import sample_view_sets
-
     sets = sample_view_sets(
         data.scene, num_views=num_views, min_shared=min_shared, num_sets=num_sets, seed=seed,
         candidates=None if candidates is None else list(candidates),
@@ -187,8 +180,6 @@ def usable_heldout_views(data: SceneData, num_views: int, min_shared: int) -> Tu
     Returns:
         ``(usable, skipped)`` scene view indices.
     """
-    from ..data import SceneError, sample_view_sets
-
     usable, skipped = [], []
     for h in data.heldout_views:
         try:

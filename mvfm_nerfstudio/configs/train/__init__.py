@@ -1,0 +1,1 @@
+"""mvfm-train presets (read with importlib.resources by mvfm_nerfstudio.training.config)."""

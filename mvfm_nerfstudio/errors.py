@@ -1,0 +1,21 @@
+"""Exception types shared by several layers (weights, checkpoints, scenes).
+
+Errors that belong to one layer live there: :class:`~mvfm_nerfstudio.geometry.cameras.CameraError`,
+:class:`~mvfm_nerfstudio.backbones.vit.ImageSizeError`, :class:`~mvfm_nerfstudio.backbones.registry.UnknownBackboneError`.
+"""
+
+from __future__ import annotations
+
+__all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError"]
+
+
+class WeightsUnavailableError(RuntimeError):
+    """The requested weights cannot be obtained (offline and not cached, missing file, ...)."""
+
+
+class CheckpointMismatchError(ValueError):
+    """A weights file or adapter checkpoint does not fit the model it is loaded into, or cannot be read."""
+
+
+class SceneError(ValueError):
+    """Raised for invalid scenes: missing/corrupt files, bad poses, mismatched sizes, too few views."""

@@ -1,0 +1,148 @@
+""":class:`FeatureStore`: per-image MVFM feature maps of the training views, computed once and cached on disk."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Dict, Optional
+
+import numpy as np
+import torch
+
+from ..features import PCABasis
+from ..geometry.feature_grid import bilinear_taps, grid_for_long_side
+from ..utils.runtime import DeviceLike, resolve_device
+from .cache import CacheEntry, cache_key, entry_path, key_ingredients, read_entry
+from .config import FeatureStoreConfig, ViewSource
+from .extract import compute_entry
+
+__all__ = ["FeatureStore", "describe"]
+
+
+class FeatureStore:
+    """Per-image MVFM feature maps for the training views, computed once and cached on disk.
+
+    Args:
+        config: extraction options.
+        views: the training views.
+        device: what ``config.device == "auto"`` means (e.g. the Nerfstudio trainer's device); None = CUDA when
+            available, else the CPU.
+
+    Call :meth:`prepare` (loads or computes), then :meth:`feature_map` / :meth:`sample`.
+    After :meth:`prepare`: ``cache_hit`` (bool), ``mvfm_forwards`` (MVFM forward passes
+    run by this store; 0 on a cache hit), ``path`` (the cache entry), ``grid`` ``(h, w)``,
+    ``feature_dim`` D, ``display_basis`` (3-component :class:`PCABasis` of the cached
+    features, for fixed-colour renders) and ``reduction_basis`` (the PCA to D dims, or None).
+
+    Pixel mapping: each image's ``[h, w]`` feature map spans the whole image
+    (:mod:`mvfm_nerfstudio.geometry.feature_grid`): cell ``(i, j)`` is centred at pixel
+    ``((j + 0.5) W / w, (i + 0.5) H / h)`` of an ``H x W`` image.
+    """
+
+    def __init__(self, config: FeatureStoreConfig, views: ViewSource, device: Optional[DeviceLike] = None):
+        self.config = config
+        self.views = views
+        self.device = resolve_device(config.device, default=device)
+        self.cache_hit = False
+        self.mvfm_forwards = 0
+        self.path: Optional[Path] = None
+        self.features: Optional[np.ndarray] = None
+        self.meta: Dict[str, object] = {}
+        self.display_basis: Optional[PCABasis] = None
+        self.reduction_basis: Optional[PCABasis] = None
+        self._key: Optional[str] = None
+        self._ingredients: Dict[str, object] = {}
+        h0, w0 = (int(x) for x in views.image_sizes[0])
+        self.grid = grid_for_long_side((h0, w0), config.feature_resolution)
+
+    # ------------------------------------------------------------------ key
+    def key_ingredients(self) -> Dict[str, object]:
+        """Everything the cached features depend on (JSON-serialisable)."""
+        return key_ingredients(self.config, self.views, self.grid)
+
+    def cache_key(self) -> str:
+        """Hash of :meth:`key_ingredients` (computed once per store: it reads every image file)."""
+        if self._key is None:
+            self._ingredients = self.key_ingredients()
+            self._key = cache_key(self._ingredients)
+        return self._key
+
+    def entry_path(self) -> Path:
+        return entry_path(self.config, self.views.scene_name, self.cache_key())
+
+    # ------------------------------------------------------------------ load / compute
+    def prepare(self) -> "FeatureStore":
+        """Load the cache entry for the current key, computing it first if absent."""
+        from rich.console import Console
+
+        console = Console(stderr=False)
+        path = self.entry_path()
+        self.path = path
+        if not self._try_load(path):
+            console.print(f"[bold]MVFM feature cache: miss[/bold] -> computing {path}")
+            self.mvfm_forwards += compute_entry(self.config, self.views, self.grid, self.device, path,
+                                                self.cache_key(), self._ingredients)
+            if not self._try_load(path):
+                raise RuntimeError(f"feature cache entry {path} was written but cannot be read back")
+        else:
+            self.cache_hit = True
+            console.print(f"[bold]MVFM feature cache: hit[/bold] {path}")
+        return self
+
+    def _try_load(self, path: Path) -> bool:
+        entry: Optional[CacheEntry] = read_entry(path, len(self.views), self.grid)
+        if entry is None:
+            return False
+        self.features, self.meta = entry.features, entry.meta
+        self.display_basis, self.reduction_basis = entry.display_basis, entry.reduction_basis
+        return True
+
+    # ------------------------------------------------------------------ access
+    def _require(self) -> np.ndarray:
+        if self.features is None:
+            raise RuntimeError("FeatureStore.prepare() has not been called")
+        return self.features
+
+    @property
+    def feature_dim(self) -> int:
+        return int(self._require().shape[-1])
+
+    def __len__(self) -> int:
+        return len(self.views)
+
+    def feature_map(self, i: int) -> torch.Tensor:
+        """Feature map of view ``i``: ``[h, w, D]`` float32 (spans the whole image, see the class docstring)."""
+        return torch.from_numpy(np.asarray(self._require()[i], dtype=np.float32))
+
+    def sample(self, image_indices: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
+        """Bilinearly interpolated features at pixel coordinates (only the tapped cells are read from disk).
+
+        Args:
+            image_indices: ``[R]`` long view indices.
+            xy: ``[R, 2]`` pixel coordinates ``(x, y)`` in each view's ``H x W`` image, pixel
+                centres at ``(col + 0.5, row + 0.5)``.
+
+        Returns:
+            ``[R, D]`` float32 on the CPU, equal to
+            :func:`~mvfm_nerfstudio.geometry.feature_grid.sample_map` of each view's map.
+        """
+        feats = self._require()
+        n, h, w, d = feats.shape
+        idx = image_indices.long().cpu()
+        cells, weights = bilinear_taps(xy.cpu(), self.views.image_sizes[idx], (h, w))
+        rows = idx * (h * w) + cells  # [4, R] rows of the flattened [N*h*w, D] array
+        uniq, inverse = torch.unique(rows.flatten(), return_inverse=True)
+        flat = feats.reshape(n * h * w, d)
+        vals = torch.from_numpy(np.asarray(flat[uniq.numpy()], dtype=np.float32))[inverse].view(4, -1, d)
+        return (weights[..., None] * vals).sum(0)
+
+    def sample_pixels(self, indices: torch.Tensor) -> torch.Tensor:
+        """Features for Nerfstudio-style ray indices ``[R, 3]`` = (image, row, col) -> ``[R, D]`` (pixel centres)."""
+        xy = torch.stack([indices[:, 2], indices[:, 1]], dim=-1).double() + 0.5
+        return self.sample(indices[:, 0], xy)
+
+
+def describe(store: FeatureStore) -> str:
+    """One-line summary for logs."""
+    h, w = store.grid
+    state = "hit" if store.cache_hit else f"computed with {store.mvfm_forwards} MVFM passes"
+    return f"{len(store)} views, {h}x{w} x {store.feature_dim} features ({state}) at {store.path}"

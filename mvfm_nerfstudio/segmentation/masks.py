@@ -1,0 +1,112 @@
+"""Masks from one query feature: cosine-similarity grids, one (Otsu) threshold for all views, IoU."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Union
+
+import torch
+
+from ..features import cosine_similarity
+from ..geometry.feature_grid import resize_map
+
+__all__ = ["MultiViewSegmentation", "similarity_grid", "otsu_threshold", "segment_views", "mask_iou"]
+
+
+def similarity_grid(feature_map: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
+    """Cosine similarity ``[h, w]`` of a ``[h, w, D]`` feature map with a ``[D]`` query."""
+    if feature_map.shape[-1] != query.shape[-1]:
+        raise ValueError(f"query has {query.shape[-1]} channels but the features have {feature_map.shape[-1]}")
+    return cosine_similarity(feature_map.float(), query.float())[..., 0]
+
+
+def otsu_threshold(hist: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> float:
+    """Otsu's threshold of a histogram with equal bins over ``[lo, hi]``.
+
+    Maximises the between-class variance of {bins <= k} vs {bins > k}; returns the upper edge
+    of bin ``k`` (so ``value >= threshold`` selects the upper class). When the maximum is a
+    plateau (empty bins between two modes) the middle of the plateau is returned.
+    """
+    p = hist.double().flatten()
+    total = p.sum()
+    if total <= 0:
+        raise ValueError("otsu_threshold: empty histogram")
+    p = p / total
+    bins = p.numel()
+    centres = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    omega = p.cumsum(0)
+    mu = (p * centres).cumsum(0)
+    denom = omega * (1 - omega)
+    valid = denom > 1e-12
+    if not bool(valid.any()):  # a single occupied bin: nothing to split
+        occupied = int(torch.nonzero(p)[0])
+        return float(lo + (occupied + 1) * (hi - lo) / bins)
+    between = torch.where(valid, (mu[-1] * omega - mu) ** 2 / denom.clamp_min(1e-12), torch.zeros_like(p))
+    best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten().double()
+    k = float(best.mean())
+    return float(lo + (k + 1) * (hi - lo) / bins)
+
+
+def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
+    """Intersection over union of two boolean masks (1.0 when both are empty)."""
+    pred, target = pred.bool(), target.bool()
+    union = int((pred | target).sum())
+    return 1.0 if union == 0 else int((pred & target).sum()) / union
+
+
+@dataclass
+class MultiViewSegmentation:
+    """Similarity grids of all views and one threshold; full-resolution maps on demand.
+
+    Attributes:
+        grids: ``N`` similarity grids ``[h, w]`` (cosine, in [-1, 1]).
+        image_sizes: ``[N, 2]`` ``(H, W)`` the grids span.
+        threshold: cosine threshold (``similarity >= threshold`` is in the segment).
+        threshold_mode: ``"fixed"`` or ``"otsu"``.
+    """
+
+    grids: List[torch.Tensor]
+    image_sizes: torch.Tensor
+    threshold: float
+    threshold_mode: str
+
+    def __len__(self) -> int:
+        return len(self.grids)
+
+    def similarity(self, i: int) -> torch.Tensor:
+        """``[H, W]`` similarity of view ``i`` at its original resolution."""
+        return resize_map(self.grids[i], tuple(int(v) for v in self.image_sizes[i]))
+
+    def mask(self, i: int) -> torch.Tensor:
+        """``[H, W]`` bool mask of view ``i`` at its original resolution."""
+        return self.similarity(i) >= self.threshold
+
+
+def segment_views(
+    feature_maps: Union[Sequence[torch.Tensor], Callable[[int], torch.Tensor]],
+    image_sizes: torch.Tensor,
+    query: torch.Tensor,
+    threshold: Optional[float] = None,
+    bins: int = 512,
+) -> MultiViewSegmentation:
+    """Segment every view by cosine similarity to one query feature.
+
+    Args:
+        feature_maps: ``N`` maps ``[h, w, D]`` (or ``i -> map``), each spanning its whole image.
+        image_sizes: ``[N, 2]`` ``(H, W)`` of the original images.
+        query: ``[D]``.
+        threshold: cosine threshold; None = Otsu on the pooled full-resolution similarities of all views.
+        bins: histogram bins over [-1, 1] for Otsu.
+    """
+    n = len(image_sizes)
+    get = feature_maps if callable(feature_maps) else feature_maps.__getitem__
+    grids = [similarity_grid(get(i), query) for i in range(n)]
+    if threshold is not None:
+        if not -1.0 <= threshold <= 1.0:
+            raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
+        return MultiViewSegmentation(grids, image_sizes, float(threshold), "fixed")
+    hist = torch.zeros(bins, dtype=torch.float64)
+    for i, g in enumerate(grids):
+        up = resize_map(g, tuple(int(v) for v in image_sizes[i]))
+        hist += torch.histc(up.double(), bins=bins, min=-1.0, max=1.0)
+    return MultiViewSegmentation(grids, image_sizes, otsu_threshold(hist), "otsu")

@@ -1,0 +1,170 @@
+"""``mvfm-segment``: the tool itself (configuration, outputs on disk, the whole run)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from ..data.readers import load_scene
+from ..feature_store import FeatureStore, FeatureStoreConfig, ViewSource
+from ..utils.io import atomic_write
+from .images import heatmap, overview_image, save_png
+from .masks import MultiViewSegmentation, segment_views
+from .query import QueryFeature, load_query, query_in_space, save_query
+
+__all__ = ["SegmentConfig", "write_outputs", "segment_scene"]
+
+
+@dataclass
+class SegmentConfig:
+    """mvfm-segment: consistent masks of one queried thing in every view of a posed scene, from MVFM features."""
+
+    scene: Path
+    """Scene folder (Nerfstudio transforms.json and/or COLMAP model; anything mvfm_nerfstudio.data.load_scene reads)."""
+    output_dir: Path = Path("outputs/segment")
+    """Where masks/, similarity/, overview.png, query_feature.safetensors and segment.json go."""
+    query_view: Optional[int] = None
+    """Index of the view holding the query pixel (with --query-pixel)."""
+    query_pixel: Optional[Tuple[float, float]] = None
+    """Query pixel X Y = column and row (0-based) in the original-size (undistorted) image of --query-view; the
+    feature is sampled at the pixel's centre (X + 0.5, Y + 0.5). Fractional values are allowed."""
+    query_feature: Optional[Path] = None
+    """Instead of a pixel: a query_feature.safetensors written by an earlier mvfm-segment run (any scene with the
+    same backbone; it is re-projected if this scene's features are reduced differently)."""
+    threshold: Optional[float] = None
+    """Cosine-similarity threshold of the masks. None = automatic: Otsu's threshold on the histogram of all views'
+    similarities pooled together (one threshold for all views)."""
+    features: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
+    """MVFM features (FeatureStoreConfig): backbone, weights, adapters, views per set, view grouping, resolution,
+    PCA dimension, cache dir, per-scene adaptation. Without adapters (and without --features.adapt) the MVFM equals
+    its base model, so the views are run one by one (multi_view is switched off: same features, fewer passes)."""
+    overview_max_views: int = 48
+    """At most this many views in overview.png (evenly spaced, always including the query view)."""
+    overview_thumb_width: int = 256
+    """Width of each overview thumbnail in pixels."""
+
+
+def _output_names(paths: Sequence[Path]) -> List[str]:
+    """``<stem>.png`` per image, prefixed with the view index when stems collide."""
+    stems = [Path(p).stem for p in paths]
+    if len(set(stems)) == len(stems):
+        return [f"{s}.png" for s in stems]
+    return [f"{i:05d}_{s}.png" for i, s in enumerate(stems)]
+
+
+def _overview_views(n: int, max_views: int, query_view: Optional[int]) -> List[int]:
+    if n <= max_views:
+        return list(range(n))
+    picked = {int(round(k * (n - 1) / (max_views - 1))) for k in range(max_views)}
+    if query_view is not None and query_view not in picked:
+        picked.discard(min(picked, key=lambda v: abs(v - query_view)))
+        picked.add(query_view)
+    return sorted(picked)
+
+
+def write_outputs(
+    seg: MultiViewSegmentation,
+    load_image: Callable[[int], torch.Tensor],
+    image_paths: Sequence[Path],
+    output_dir: Path,
+    query_view: Optional[int] = None,
+    query_xy: Optional[Tuple[float, float]] = None,
+    overview_max_views: int = 48,
+    thumb_width: int = 256,
+    progress: bool = True,
+) -> Dict[str, object]:
+    """Write masks, similarity heatmaps and overview.png (see the module docstring); return per-view stats.
+
+    Args:
+        load_image: ``i -> [3, H, W]`` in [0, 1] (only needed for the overview's views).
+        query_xy: the query point in original pixel coordinates (centre convention) for the overview marker.
+    """
+    from rich.progress import track
+
+    output_dir = Path(output_dir)
+    names = _output_names(image_paths)
+    rows = []
+    it = range(len(seg))
+    if progress:
+        it = track(it, description="Writing masks", transient=True)
+    for i in it:
+        sim = seg.similarity(i)
+        mask = sim >= seg.threshold
+        save_png(output_dir / "masks" / names[i], (mask.numpy().astype(np.uint8) * 255))
+        save_png(output_dir / "similarity" / names[i], heatmap(sim))
+        rows.append({"view": i, "image": str(image_paths[i]), "mask": f"masks/{names[i]}",
+                     "mask_fraction": float(mask.float().mean()), "max_similarity": float(sim.max())})
+    views = _overview_views(len(seg), overview_max_views, query_view)
+    labels = [Path(p).stem for p in image_paths]
+    sheet = overview_image(load_image, seg.mask, views, labels, query_view, query_xy, thumb_width)
+    save_png(output_dir / "overview.png", sheet)
+    return {"views": rows, "overview_views": views}
+
+
+def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, object]:
+    """Run ``mvfm-segment`` (see the module docstring); returns the summary also written to ``segment.json``."""
+    fcfg = config.features
+    by_pixel = config.query_view is not None or config.query_pixel is not None
+    if by_pixel == (config.query_feature is not None):
+        raise ValueError("give exactly one query: --query-view I --query-pixel X Y, or --query-feature FILE")
+    if by_pixel and (config.query_view is None or config.query_pixel is None):
+        raise ValueError("a pixel query needs both --query-view and --query-pixel")
+    scene = load_scene(config.scene)
+    n = len(scene)
+    if by_pixel:
+        if not 0 <= config.query_view < n:
+            raise ValueError(f"--query-view {config.query_view} is out of range: the scene has {n} views (0..{n - 1})")
+        h, w = scene.image_size(config.query_view)
+        x, y = config.query_pixel
+        if not (0 <= x < w and 0 <= y < h):
+            raise ValueError(f"--query-pixel {x} {y} is outside view {config.query_view} "
+                             f"({scene.frame_names[config.query_view]}, {w}x{h} pixels: X in [0, {w}), Y in [0, {h}))")
+    if fcfg.adapters is None and not fcfg.adapt and fcfg.multi_view:
+        fcfg = replace(fcfg, multi_view=False)  # untrained adapters reproduce the base model exactly
+    extra = {}
+    if scene.distortion is not None:
+        extra["undistorted"] = scene.distortion.round(decimals=6).tolist()
+    views = ViewSource(
+        image_paths=list(scene.image_paths), image_sizes=scene.image_sizes, intrinsics=scene.intrinsics,
+        cam_to_world=scene.cam_to_world, load_image=lambda i: scene.load_image(i).permute(1, 2, 0),
+        extra_key=extra, scene_name=scene.name, scene_root=scene.root,
+    )
+    store = FeatureStore(fcfg, views).prepare()
+    space = store.path.name
+    reduction = store.reduction_basis
+    if by_pixel:
+        xy = (float(config.query_pixel[0]) + 0.5, float(config.query_pixel[1]) + 0.5)
+        query = store.sample(torch.tensor([config.query_view]), torch.tensor([xy], dtype=torch.float64))[0]
+        source = f"view {config.query_view} ({scene.frame_names[config.query_view]}) pixel {config.query_pixel}"
+        meta = {"source": "pixel", "scene": str(scene.root), "view": str(config.query_view),
+                "image": scene.frame_names[config.query_view], "pixel_xy": json.dumps(list(config.query_pixel))}
+    else:
+        loaded = load_query(config.query_feature)
+        query = query_in_space(loaded, space, fcfg.backbone, store.feature_dim, reduction, str(config.query_feature))
+        source = f"file {config.query_feature}"
+        meta = {**loaded.metadata, "source": f"file:{config.query_feature}"}
+        xy = None
+    meta.update({"backbone": fcfg.backbone, "weights": str(fcfg.weights), "feature_space": space,
+                 "feature_dim": str(store.feature_dim), "reduced": "1" if reduction is not None else "0"})
+    full = reduction.unproject(query) if reduction is not None else None
+    output_dir = Path(config.output_dir)
+    save_query(output_dir / "query_feature.safetensors", QueryFeature(query, full, meta))
+
+    seg = segment_views(store.feature_map, scene.image_sizes, query, config.threshold)
+    written = write_outputs(seg, scene.load_image, scene.image_paths, output_dir,
+                            config.query_view if by_pixel else None, xy, config.overview_max_views,
+                            config.overview_thumb_width, progress)
+    summary = {
+        "scene": str(scene.root), "num_views": n, "query": source,
+        "threshold": seg.threshold, "threshold_mode": seg.threshold_mode,
+        "feature_cache": str(store.path), "feature_grid": list(store.grid), "feature_dim": store.feature_dim,
+        "features": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(fcfg).items()},
+        **written,
+    }
+    atomic_write(output_dir / "segment.json", json.dumps(summary, indent=1).encode())
+    return summary

@@ -1,0 +1,137 @@
+"""The one functional entry point, :func:`rasterize`: gsplat's CUDA rasteriser or the PyTorch path.
+
+Also :func:`sh_colors` (view-dependent colours from spherical harmonics, as gsplat evaluates them).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, Literal, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+from .composite import composite_tiles
+from .projection import project_gaussians
+
+__all__ = ["Backend", "rasterize", "sh_colors"]
+
+Backend = Literal["auto", "gsplat", "torch"]
+
+
+def sh_colors(sh: Tensor, means: Tensor, viewmat: Tensor, degree: int) -> Tensor:
+    """RGB from spherical-harmonic coefficients seen from a camera, as gsplat's rasterization.
+
+    Args:
+        sh: ``[N, K, 3]`` coefficients. means: ``[N, 3]``. viewmat: ``[4, 4]`` world-to-camera.
+        degree: SH degree to use (``(degree + 1)² <= K``).
+    Returns:
+        ``[N, 3]`` colours ``max(SH(dir) + 0.5, 0)``.
+    """
+    from gsplat.cuda._torch_impl import _spherical_harmonics
+
+    cam_center = -viewmat[:3, :3].T @ viewmat[:3, 3]
+    dirs = means - cam_center
+    if sh.is_cuda:
+        from gsplat import spherical_harmonics
+
+        rgb = spherical_harmonics(degree, dirs, sh)
+    else:
+        rgb = _spherical_harmonics(degree, dirs, sh)
+    return torch.clamp_min(rgb + 0.5, 0.0)
+
+
+def rasterize(
+    means: Tensor,
+    quats: Tensor,
+    scales: Tensor,
+    opacities: Tensor,
+    colors: Tensor,
+    viewmat: Tensor,
+    K: Tensor,
+    width: int,
+    height: int,
+    near_plane: float = 0.01,
+    far_plane: float = 1e10,
+    eps2d: float = 0.3,
+    radius_clip: float = 0.0,
+    antialiased: bool = False,
+    render_depth: bool = False,
+    background: Optional[Tensor] = None,
+    tile_size: int = 16,
+    block_size: int = 8,
+    max_per_block: Optional[int] = None,
+    max_per_pixel: Optional[int] = 256,
+    absgrad: bool = False,
+    backend: Backend = "auto",
+) -> Tuple[Tensor, Tensor, Dict[str, Any]]:
+    """Render ``colors`` (any channels: RGB, features, both concatenated) of 3D Gaussians.
+
+    Args:
+        means: ``[N, 3]`` world positions. quats: ``[N, 4]`` (w, x, y, z), any norm.
+        scales: ``[N, 3]`` activated scales. opacities: ``[N]`` activated, in [0, 1].
+        colors: ``[N, C]`` values to composite.
+        viewmat: ``[4, 4]`` world-to-camera, OpenCV frame. K: ``[3, 3]`` in pixels.
+        width, height: output size in pixels.
+        near_plane, far_plane, eps2d, radius_clip: projection settings (gsplat's meanings).
+        antialiased: gsplat's ``rasterize_mode="antialiased"`` (opacity compensation).
+        render_depth: append expected z-depth as a last channel (``C + 1`` channels).
+        background: ``[C]`` colour composited behind (depth channel gets 0), or None.
+        tile_size: tile size in pixels (16 as gsplat; also defines the support).
+        block_size, max_per_block, max_per_pixel: torch backend: binning block size and front-K
+            truncations per block / per pixel (None: exact); see :func:`composite_tiles`.
+        absgrad: fill ``meta["means2d"].absgrad`` in backward (for AbsGS densification).
+        backend: ``"auto"`` (gsplat for CUDA tensors, torch otherwise), ``"gsplat"`` or ``"torch"``.
+
+    Returns:
+        ``render [H, W, C(+1)]``, ``alpha [H, W, 1]`` and ``meta``: gsplat-compatible info for
+        densification (``means2d [1, N, 2]``, ``radii [1, N]``, ``depths [1, N]``, ``conics``,
+        ``opacities``, ``width``, ``height``, ``n_cameras=1``, ``gaussian_ids=None``,
+        ``tile_size``) plus ``backend`` and, for torch, the truncation stats of :func:`composite_tiles`.
+    """
+    if backend == "auto":
+        backend = "gsplat" if means.is_cuda else "torch"
+    if colors.ndim != 2 or colors.shape[0] != means.shape[0]:
+        raise ValueError(f"rasterize: colors must be [N, C] with N={means.shape[0]}, got {list(colors.shape)}")
+    if background is not None and background.shape != (colors.shape[1],):
+        raise ValueError(f"rasterize: background must be [{colors.shape[1]}], got {list(background.shape)}")
+    if backend == "gsplat":
+        return _rasterize_gsplat(means, quats, scales, opacities, colors, viewmat, K, width, height, near_plane,
+                                 far_plane, eps2d, radius_clip, antialiased, render_depth, background, tile_size,
+                                 absgrad)
+    if backend != "torch":
+        raise ValueError(f"rasterize: unknown backend {backend!r}; use 'auto', 'gsplat' or 'torch'")
+
+    proj = project_gaussians(means, quats, scales, opacities, viewmat, K, width, height, near_plane, far_plane,
+                             eps2d, radius_clip, antialiased)
+    if render_depth:
+        colors = torch.cat([colors, proj.depths[:, None]], dim=-1)
+        if background is not None:
+            background = torch.cat([background, background.new_zeros(1)])
+    render, alpha, stats = composite_tiles(proj, colors, width, height, tile_size, block_size, max_per_block,
+                                           max_per_pixel, background, absgrad)
+    if render_depth:
+        render = torch.cat([render[..., :-1], render[..., -1:] / alpha.clamp_min(1e-10)], dim=-1)
+    meta = {
+        "backend": "torch", "means2d": proj.means2d, "radii": proj.radii[None], "depths": proj.depths[None],
+        "conics": proj.conics[None], "opacities": proj.opacities[None], "width": width, "height": height,
+        "n_cameras": 1, "gaussian_ids": None, "camera_ids": None, "tile_size": tile_size, **stats,
+    }
+    return render, alpha, meta
+
+
+def _rasterize_gsplat(means, quats, scales, opacities, colors, viewmat, K, width, height, near_plane, far_plane,
+                      eps2d, radius_clip, antialiased, render_depth, background, tile_size, absgrad):
+    if not means.is_cuda:
+        raise RuntimeError("rasterize: backend='gsplat' needs CUDA tensors (gsplat's rasteriser is CUDA-only); "
+                           "use backend='torch' or 'auto' on CPU")
+    from gsplat import rasterization
+
+    render, alpha, meta = rasterization(
+        means=means, quats=quats, scales=scales, opacities=opacities, colors=colors, viewmats=viewmat[None],
+        Ks=K[None], width=width, height=height, near_plane=near_plane, far_plane=far_plane, radius_clip=radius_clip,
+        eps2d=eps2d, packed=False, tile_size=tile_size, backgrounds=None if background is None else background[None],
+        render_mode="RGB+ED" if render_depth else "RGB", absgrad=absgrad,
+        rasterize_mode="antialiased" if antialiased else "classic",
+    )
+    meta["backend"] = "gsplat"
+    return render[0], alpha[0], meta

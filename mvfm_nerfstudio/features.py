@@ -75,7 +75,7 @@ def fit_pca(features: torch.Tensor, k: int, max_samples: int = 100_000, seed: in
     x = features.float()
     if n > max_samples:
         g = torch.Generator().manual_seed(seed)
-        x = x[torch.randperm(n, generator=g)[:max_samples].to(x.device)]
+        x = x[torch.randperm(n, generator=g)[:max_samples].to(x.device)]  # device: CPU generator
     mean = x.mean(0)
     # covariance eigendecomposition in float64: D is small (<= 1024) and this is exact and deterministic
     xc = (x - mean).double()
@@ -125,12 +125,12 @@ class FeatureDisplay(nn.Module):
         super().__init__()
         self.feature_dim = feature_dim
         self.threshold = threshold
-        self.register_buffer("pca_mean", torch.zeros(feature_dim))
-        self.register_buffer("pca_components", torch.eye(3, feature_dim))
-        self.register_buffer("pca_lo", -torch.ones(3))
-        self.register_buffer("pca_hi", torch.ones(3))
-        self.register_buffer("query", torch.zeros(feature_dim))
-        self.register_buffer("has_query", torch.zeros((), dtype=torch.bool))
+        self.register_buffer("pca_mean", torch.zeros(feature_dim))  # device: buffer
+        self.register_buffer("pca_components", torch.eye(3, feature_dim))  # device: buffer
+        self.register_buffer("pca_lo", -torch.ones(3))  # device: buffer
+        self.register_buffer("pca_hi", torch.ones(3))  # device: buffer
+        self.register_buffer("query", torch.zeros(feature_dim))  # device: buffer
+        self.register_buffer("has_query", torch.zeros((), dtype=torch.bool))  # device: buffer
 
     @property
     def basis(self) -> PCABasis:

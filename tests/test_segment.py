@@ -156,7 +156,7 @@ def test_sampling_and_upsampling_share_the_pixel_centre_convention():
         assert torch.allclose(sample_map(fmap, xy, size), fmap[i, j], atol=1e-5)
     # identical to the feature store's memory-mapped sampler
     store = FeatureStore.__new__(FeatureStore)
-    store.features = fmap[None].numpy()
+    store.features, store._resident = fmap[None].numpy(), None
     store.views = type("V", (), {"image_sizes": torch.tensor([list(size)])})()
     xy = torch.rand(50, 2) * torch.tensor([80.0, 48.0])
     expected = store.sample(torch.zeros(50, dtype=torch.long), xy.double())

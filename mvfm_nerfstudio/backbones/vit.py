@@ -18,6 +18,7 @@ Weights (``weights=``) are one of:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -187,10 +188,24 @@ class FoundationBackbone(nn.Module):
         self.feature_dim = int(model.num_features) if spec.family == "sam" else self.embed_dim
         if spec.family == "eva" and getattr(model, "rope_mixed", False):
             raise NotImplementedError(f"{spec.timm_name}: depth-dependent (mixed) RoPE is not supported")
-        self.register_buffer("mean", torch.tensor(spec.mean).view(3, 1, 1), persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std).view(3, 1, 1), persistent=False)
+        self.register_buffer("mean", torch.tensor(spec.mean).view(3, 1, 1), persistent=False)  # device: buffer
+        self.register_buffer("std", torch.tensor(spec.std).view(3, 1, 1), persistent=False)  # device: buffer
         self.requires_grad_(False)
         self.eval()
+        self._fingerprint: Optional[str] = None
+        self.register_load_state_dict_post_hook(lambda module, _keys: setattr(module, "_fingerprint", None))
+
+    def fingerprint(self) -> str:
+        """Short content hash of the weights (names, shapes and values), computed once: the backbone is frozen
+        (loading a state dict into it recomputes it)."""
+        if self._fingerprint is None:
+            h = hashlib.blake2b(digest_size=12)
+            for name, t in sorted(self.state_dict().items()):
+                h.update(name.encode())
+                h.update(str(tuple(t.shape)).encode())
+                h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            self._fingerprint = h.hexdigest()
+        return self._fingerprint
 
     def train(self, mode: bool = True) -> "FoundationBackbone":
         # The backbone is frozen: keep it in eval mode so no dropout / drop-path ever applies.

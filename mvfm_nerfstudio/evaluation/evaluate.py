@@ -84,13 +84,14 @@ def evaluate_sets(
     loc = {n: [] for n in names}
     pix = {n: [] for n in names}
     angles, held, sims = [], [], []
-    heldout = torch.zeros(len(data.scene), dtype=torch.bool)
+    heldout = torch.zeros(len(data.scene), dtype=torch.bool)  # device: CPU bookkeeping of view indices
     heldout[data.heldout_views] = True
     example = None
     device = next(model.parameters()).device
     for vs in track(sets, description=f"evaluating {data.name}", enabled=progress):
         idx = torch.as_tensor(vs.views, dtype=torch.long)
-        images, k, c2w = (t.to(device) for t in data.inputs(vs.views))
+        images, k, c2w = data.inputs(vs.views)  # cameras stay on the CPU (the MVFM normalises them there)
+        images = images.to(device)
         feats = model(images, k, c2w)[0]
         base = data.base[idx].to(device) if data.base is not None else model.forward_base(images)[0]
         corr = vs.corr.to(device)

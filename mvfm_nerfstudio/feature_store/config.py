@@ -88,6 +88,8 @@ class FeatureStoreConfig(ModelSpec):
             d.pop("max_views_per_pass")
         if self.kv_pool == 1:
             d.pop("kv_pool")  # keys of entries made before the option existed stay valid
+        if not self.bf16:
+            d.pop("bf16")  # likewise
         return d
 
     def attention_options(self) -> Dict[str, object]:

@@ -31,6 +31,7 @@ from ..geometry.cameras import scale_intrinsics
 from ..models.build import build_model
 from ..training.adapt import adapt_to_scene
 from ..utils.io import atomic_path
+from ..utils.runtime import compute_precision
 from .cache import CACHE_FORMAT_VERSION, write_bases, write_meta
 from .config import FeatureStoreConfig, ViewSource
 
@@ -76,7 +77,7 @@ def load_inputs(views: ViewSource, size: Size, work: Path, progress) -> Tuple[np
 
 def run_sets(model, sets: Sequence[Tuple[int, ...]], images: np.ndarray, intrinsics: torch.Tensor,
              cam_to_world: torch.Tensor, acc: np.ndarray, multi_view: bool, sets_per_batch: int,
-             device: torch.device, progress) -> int:
+             device: torch.device, progress, bf16: bool = False) -> int:
     """Run the model over ``sets`` and leave each view's mean feature map in ``acc`` ``[N, h, w, D]`` (float32).
 
     Returns:
@@ -91,7 +92,7 @@ def run_sets(model, sets: Sequence[Tuple[int, ...]], images: np.ndarray, intrins
         idx = torch.tensor(batch)  # [B, S]
         x = torch.from_numpy(images[idx.flatten().numpy()]).float().div(255).to(device)
         x = x.view(*idx.shape, 3, *size)
-        with torch.inference_mode():
+        with torch.inference_mode(), compute_precision(device, bf16):
             if multi_view:
                 out = model(x, intrinsics[idx].to(device), cam_to_world[idx].float().to(device))
             else:
@@ -154,7 +155,7 @@ def _adapt(model, config: FeatureStoreConfig, views: ViewSource, work: Path, ima
     ckpt = adapt_to_scene(
         str(views.scene_root), model=model, steps=config.adapt_steps, output_dir=work / "adapt", lr=config.adapt_lr,
         weights=config.weights, model_seed=config.model_seed, seed=config.model_seed, image_size=image_long_side,
-        num_views=config.views_per_set, device=device.type, tensorboard=False,
+        num_views=config.views_per_set, device=str(device), tensorboard=False, single_process=True,
     )
     return model.eval(), Path(ckpt)
 
@@ -183,7 +184,7 @@ def compute_entry(config: FeatureStoreConfig, views: ViewSource, grid: Size, dev
         with _progress() as progress:
             images, intr = load_inputs(views, size, work, progress)
             forwards = run_sets(model, sets, images, intr, c2w, acc, config.multi_view, config.sets_per_batch,
-                                device, progress)
+                                device, progress, config.bf16)
         path.mkdir(parents=True, exist_ok=True)
         display, reduction, d_out = write_features(acc, path, config.feature_dim, config.model_seed)
         write_bases(path, display, reduction)

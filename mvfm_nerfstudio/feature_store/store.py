@@ -7,6 +7,7 @@ from typing import Dict, Optional
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from ..features import PCABasis
 from ..geometry.feature_grid import bilinear_taps, grid_for_long_side
@@ -51,6 +52,7 @@ class FeatureStore:
         self.reduction_basis: Optional[PCABasis] = None
         self._key: Optional[str] = None
         self._ingredients: Dict[str, object] = {}
+        self._resident: Optional[torch.Tensor] = None  # [N*h*w, D] float16 on a device (see keep_on)
         h0, w0 = (int(x) for x in views.image_sizes[0])
         self.grid = grid_for_long_side((h0, w0), config.feature_resolution)
 
@@ -71,21 +73,29 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ load / compute
     def prepare(self) -> "FeatureStore":
-        """Load the cache entry for the current key, computing it first if absent."""
+        """Load the cache entry for the current key, computing it first if absent.
+
+        Inside a distributed job (``torch.distributed`` initialised, e.g. a multi-GPU ``ns-train``) only
+        rank 0 computes a missing entry; the other ranks wait at a barrier and then load it.
+        """
         from rich.console import Console
 
         console = Console(stderr=False)
         path = self.entry_path()
         self.path = path
-        if not self._try_load(path):
-            console.print(f"[bold]MVFM feature cache: miss[/bold] -> computing {path}")
-            self.mvfm_forwards += compute_entry(self.config, self.views, self.grid, self.device, path,
-                                                self.cache_key(), self._ingredients)
-            if not self._try_load(path):
-                raise RuntimeError(f"feature cache entry {path} was written but cannot be read back")
-        else:
-            self.cache_hit = True
-            console.print(f"[bold]MVFM feature cache: hit[/bold] {path}")
+        distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+        if not distributed or dist.get_rank() == 0:
+            if self._try_load(path):
+                self.cache_hit = True
+                console.print(f"[bold]MVFM feature cache: hit[/bold] {path}")
+            else:
+                console.print(f"[bold]MVFM feature cache: miss[/bold] -> computing {path}")
+                self.mvfm_forwards += compute_entry(self.config, self.views, self.grid, self.device, path,
+                                                    self.cache_key(), self._ingredients)
+        if distributed:
+            dist.barrier()
+        if self.features is None and not self._try_load(path):
+            raise RuntimeError(f"feature cache entry {path} was written but cannot be read back")
         return self
 
     def _try_load(self, path: Path) -> bool:
@@ -109,9 +119,27 @@ class FeatureStore:
     def __len__(self) -> int:
         return len(self.views)
 
+    def keep_on(self, device: torch.device, max_bytes: int = 2 << 30) -> bool:
+        """Keep the float16 features on ``device`` (one copy; e.g. the training GPU) when they take at most
+        ``max_bytes``; :meth:`sample` and :meth:`feature_map` then read from there with no host work per call.
+
+        Returns:
+            Whether the features are resident on ``device`` (False: they stay memory-mapped on disk).
+        """
+        feats = self._require()
+        if feats.nbytes > max_bytes:
+            return False
+        self._resident = torch.from_numpy(np.array(feats)).reshape(-1, feats.shape[-1]).to(device)  # one copy
+        return True
+
     def feature_map(self, i: int) -> torch.Tensor:
-        """Feature map of view ``i``: ``[h, w, D]`` float32 (spans the whole image, see the class docstring)."""
-        return torch.from_numpy(np.asarray(self._require()[i], dtype=np.float32))
+        """Feature map of view ``i``: ``[h, w, D]`` float32 (spans the whole image, see the class docstring); on the
+        device given to :meth:`keep_on`, else on the CPU."""
+        feats = self._require()
+        if self._resident is not None:
+            h, w, d = feats.shape[1:]
+            return self._resident[i * h * w:(i + 1) * h * w].view(h, w, d).float()
+        return torch.from_numpy(np.asarray(feats[i], dtype=np.float32))
 
     def sample(self, image_indices: torch.Tensor, xy: torch.Tensor) -> torch.Tensor:
         """Bilinearly interpolated features at pixel coordinates (only the tapped cells are read from disk).
@@ -122,11 +150,18 @@ class FeatureStore:
                 centres at ``(col + 0.5, row + 0.5)``.
 
         Returns:
-            ``[R, D]`` float32 on the CPU, equal to
-            :func:`~mvfm_nerfstudio.geometry.feature_grid.sample_map` of each view's map.
+            ``[R, D]`` float32, equal to :func:`~mvfm_nerfstudio.geometry.feature_grid.sample_map` of each view's
+            map; on the device given to :meth:`keep_on` (one gather there), else on the CPU.
         """
         feats = self._require()
         n, h, w, d = feats.shape
+        if self._resident is not None:
+            device = self._resident.device
+            idx = image_indices.long().to(device)
+            sizes = self.views.image_sizes.to(device)[idx]
+            cells, weights = bilinear_taps(xy.to(device), sizes, (h, w))
+            vals = self._resident[(idx * (h * w) + cells).flatten()].view(4, -1, d).float()
+            return (weights[..., None] * vals).sum(0)
         idx = image_indices.long().cpu()
         cells, weights = bilinear_taps(xy.cpu(), self.views.image_sizes[idx], (h, w))
         rows = idx * (h * w) + cells  # [4, R] rows of the flattened [N*h*w, D] array

@@ -52,7 +52,7 @@ class CameraError(ValueError):
 
 
 # Flips y and z: converts between the OpenCV and OpenGL camera frames (its own inverse).
-OPENGL_TO_OPENCV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))
+OPENGL_TO_OPENCV = torch.diag(torch.tensor([1.0, -1.0, -1.0, 1.0]))  # device: a constant, moved to the caller's device where used
 
 
 def to_homogeneous(cam_to_world: torch.Tensor) -> torch.Tensor:
@@ -97,8 +97,25 @@ def _view_index(flat_index: int, batch_shape: Tuple[int, ...]) -> str:
     return " at index " + str(tuple(reversed(idx)))
 
 
+def _first_bad(bad: torch.Tensor, batch_shape: Tuple[int, ...]) -> Optional[Tuple[int, str]]:
+    """``(flat index, " at index (...)")`` of the first True in ``bad`` ``[N]`` (a CPU tensor), or None."""
+    hits = bad.nonzero()
+    if hits.numel() == 0:
+        return None
+    i = int(hits[0])
+    return i, _view_index(i, batch_shape)
+
+
+def _as_cpu_batch(x: torch.Tensor, shape: Tuple[int, int]) -> torch.Tensor:
+    """``[..., a, b]`` -> ``[N, a, b]`` float64 on the CPU (one copy of a few numbers: the checks then cost no
+    device synchronisation each)."""
+    return x.detach().reshape(-1, *shape).to("cpu", torch.float64)
+
+
 def validate_intrinsics(intrinsics: torch.Tensor, name: str = "intrinsics") -> None:
     """Check ``[..., 3, 3]`` pinhole matrices: finite, positive focal lengths, last row (0, 0, 1).
+
+    Works on any device (the check runs on a CPU copy).
 
     Raises:
         CameraError: naming the first offending camera.
@@ -106,24 +123,24 @@ def validate_intrinsics(intrinsics: torch.Tensor, name: str = "intrinsics") -> N
     if intrinsics.shape[-2:] != (3, 3):
         raise CameraError(f"{name} must be [..., 3, 3], got {tuple(intrinsics.shape)}")
     batch_shape = tuple(intrinsics.shape[:-2])
-    flat = intrinsics.detach().reshape(-1, 3, 3).double()
-    bad = ~torch.isfinite(flat).all(dim=(-1, -2))
-    if bad.any():
-        raise CameraError(f"{name} contain NaN or inf{_view_index(int(bad.nonzero()[0]), batch_shape)}")
-    bad = (flat[:, 0, 0] <= 0) | (flat[:, 1, 1] <= 0)
-    if bad.any():
-        raise CameraError(f"{name} need positive focal lengths fx, fy{_view_index(int(bad.nonzero()[0]), batch_shape)}")
-    last_row = torch.tensor([0.0, 0.0, 1.0], dtype=flat.dtype)
-    bad = ((flat[:, 2] - last_row).abs() > 1e-6).any(dim=-1) | (flat[:, 1, 0].abs() > 1e-6)
-    if bad.any():
-        raise CameraError(
-            f"{name} must be upper-triangular pinhole matrices with last row (0, 0, 1)"
-            f"{_view_index(int(bad.nonzero()[0]), batch_shape)}"
-        )
+    flat = _as_cpu_batch(intrinsics, (3, 3))
+    last_row = torch.tensor([0.0, 0.0, 1.0], dtype=flat.dtype, device=flat.device)
+    checks = (
+        (~torch.isfinite(flat).all(dim=(-1, -2)), "contain NaN or inf"),
+        ((flat[:, 0, 0] <= 0) | (flat[:, 1, 1] <= 0), "need positive focal lengths fx, fy"),
+        (((flat[:, 2] - last_row).abs() > 1e-6).any(dim=-1) | (flat[:, 1, 0].abs() > 1e-6),
+         "must be upper-triangular pinhole matrices with last row (0, 0, 1)"),
+    )
+    for bad, what in checks:
+        found = _first_bad(bad, batch_shape)
+        if found is not None:
+            raise CameraError(f"{name} {what}{found[1]}")
 
 
 def validate_cam_to_world(cam_to_world: torch.Tensor, name: str = "cam_to_world", atol: float = 1e-3) -> None:
     """Check ``[..., 4, 4]`` poses: finite, rotation block orthonormal with det +1, last row (0, 0, 0, 1).
+
+    Works on any device (the check runs on a CPU copy).
 
     Args:
         cam_to_world: poses to check.
@@ -136,24 +153,25 @@ def validate_cam_to_world(cam_to_world: torch.Tensor, name: str = "cam_to_world"
     if cam_to_world.shape[-2:] != (4, 4):
         raise CameraError(f"{name} must be [..., 4, 4], got {tuple(cam_to_world.shape)}")
     batch_shape = tuple(cam_to_world.shape[:-2])
-    flat = cam_to_world.detach().reshape(-1, 4, 4).double()
-    bad = ~torch.isfinite(flat).all(dim=(-1, -2))
-    if bad.any():
-        raise CameraError(f"{name} contain NaN or inf{_view_index(int(bad.nonzero()[0]), batch_shape)}")
-    last_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=flat.dtype)
-    bad = ((flat[:, 3] - last_row).abs() > 1e-6).any(dim=-1)
-    if bad.any():
-        raise CameraError(f"{name} must have last row (0, 0, 0, 1){_view_index(int(bad.nonzero()[0]), batch_shape)}")
+    flat = _as_cpu_batch(cam_to_world, (4, 4))
+    last_row = torch.tensor([0.0, 0.0, 0.0, 1.0], dtype=flat.dtype, device=flat.device)
+    for bad, what in (
+        (~torch.isfinite(flat).all(dim=(-1, -2)), "contain NaN or inf"),
+        (((flat[:, 3] - last_row).abs() > 1e-6).any(dim=-1), "must have last row (0, 0, 0, 1)"),
+    ):
+        found = _first_bad(bad, batch_shape)
+        if found is not None:
+            raise CameraError(f"{name} {what}{found[1]}")
     rot = flat[:, :3, :3]
-    eye = torch.eye(3, dtype=flat.dtype)
+    eye = torch.eye(3, dtype=flat.dtype, device=flat.device)
     ortho_err = (rot.transpose(-1, -2) @ rot - eye).abs().amax(dim=(-1, -2))
     det = torch.linalg.det(rot)
-    bad = (ortho_err > atol) | ((det - 1).abs() > atol)
-    if bad.any():
-        i = int(bad.nonzero()[0])
+    found = _first_bad((ortho_err > atol) | ((det - 1).abs() > atol), batch_shape)
+    if found is not None:
+        i, where = found
         raise CameraError(
             f"{name} rotation block is not a rotation (|R^T R - I| = {float(ortho_err[i]):.3g}, "
-            f"det = {float(det[i]):.3g}){_view_index(i, batch_shape)}; "
+            f"det = {float(det[i]):.3g}){where}; "
             "poses must be rigid camera-to-world transforms without scale or reflection"
         )
 
@@ -298,13 +316,16 @@ def plucker_rays(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: i
     return rays.movedim(-1, -3)
 
 
-def plucker_ray_map(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int) -> torch.Tensor:
+def plucker_ray_map(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height: int, width: int,
+                    device: Optional[torch.device] = None) -> torch.Tensor:
     """Fast path of :func:`plucker_rays`: ray maps of many cameras, flattened, in float32.
 
     Args:
         intrinsics: ``[..., 3, 3]`` pinhole matrices in pixels of an ``height x width`` image.
         cam_to_world: ``[..., 4, 4]`` OpenCV camera-to-world poses (same leading shape).
         height, width: image size in pixels.
+        device: where the maps are built (default: the cameras' device). The per-camera 6x3 matrices are
+            formed in float64 where the cameras are (usually the CPU), then moved.
 
     Returns:
         ``[N, 6, H, W]`` float32, ``N`` = number of cameras (leading dims flattened).
@@ -325,7 +346,7 @@ def plucker_ray_map(intrinsics: torch.Tensor, cam_to_world: torch.Tensor, height
         torch.stack([o[:, 2], zero, -o[:, 0]], -1),
         torch.stack([-o[:, 1], o[:, 0], zero], -1),
     ], -2)
-    a = torch.cat([rk, cross @ rk], dim=1).float()[..., None, None]  # [N, 6, 3, 1, 1]
+    a = torch.cat([rk, cross @ rk], dim=1).float().to(device or k.device)[..., None, None]  # [N, 6, 3, 1, 1]
     u = torch.arange(width, device=a.device, dtype=a.dtype) + 0.5
     v = torch.arange(height, device=a.device, dtype=a.dtype)[:, None] + 0.5
     raw = (a[:, :, 1] * v + a[:, :, 2]) + a[:, :, 0] * u  # A (u, v, 1)^T, separable: [N, 6, H, W]

@@ -17,7 +17,6 @@ type is not imported here):
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import warnings
@@ -39,13 +38,8 @@ FORMAT_VERSION = 1
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
-    """Short content hash of the backbone weights (names, shapes and values)."""
-    h = hashlib.blake2b(digest_size=12)
-    for name, t in sorted(model.backbone.state_dict().items()):
-        h.update(name.encode())
-        h.update(str(tuple(t.shape)).encode())
-        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
+    """Short content hash of the model's backbone weights (computed once per backbone)."""
+    return model.backbone.fingerprint()
 
 
 def save_adapters(model: nn.Module, path, metadata: Optional[Dict[str, str]] = None) -> None:

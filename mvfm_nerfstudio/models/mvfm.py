@@ -160,7 +160,7 @@ class MultiViewFoundationModel(nn.Module):
         if b < 1 or s < 1:
             raise ValueError(f"images must hold at least one set and one view, got {tuple(images.shape)}")
         self.backbone.check_image_size(images.shape[-2], images.shape[-1])
-        lo, hi = float(images.min()), float(images.max())
+        lo, hi = torch.stack(torch.aminmax(images.detach())).float().tolist()  # one device synchronisation
         if not (lo == lo and hi == hi) or lo < -0.01 or hi > 1.01:  # NaN-safe
             raise ValueError(f"images must be float in [0, 1], got values in [{lo:.3g}, {hi:.3g}] (0-255 data? NaN?)")
         if (intrinsics is None) != (cam_to_world is None):
@@ -172,7 +172,9 @@ class MultiViewFoundationModel(nn.Module):
                     "cam_to_world [B, S, 4, 4], or build a pose-free model with use_rays=False"
                 )
             return None, None
-        cam_to_world = to_homogeneous(cam_to_world)
+        # Cameras are a few numbers: validated and normalised on the CPU in float64, once per forward.
+        intrinsics = intrinsics.detach().to("cpu", torch.float64)
+        cam_to_world = to_homogeneous(cam_to_world.detach().to("cpu", torch.float64))
         if tuple(intrinsics.shape) != (b, s, 3, 3):
             raise CameraError(f"intrinsics must be [B, S, 3, 3] = [{b}, {s}, 3, 3] to match images, got {tuple(intrinsics.shape)}")
         if tuple(cam_to_world.shape) != (b, s, 4, 4):
@@ -182,9 +184,10 @@ class MultiViewFoundationModel(nn.Module):
         return intrinsics, cam_to_world
 
     def ray_tokens(self, intrinsics: torch.Tensor, normalized_c2w: torch.Tensor, height: int, width: int) -> torch.Tensor:
-        """Patchified Plücker embedding ``[B, S, T, ray_embed_dim]`` of cameras already in the canonical frame."""
+        """Patchified Plücker embedding ``[B, S, T, ray_embed_dim]`` of cameras already in the canonical frame
+        (cameras on any device; the ray maps are built on the embedding's device)."""
         b, s = intrinsics.shape[:2]
-        rays = plucker_ray_map(intrinsics, normalized_c2w, height, width)  # [B*S, 6, H, W]
+        rays = plucker_ray_map(intrinsics, normalized_c2w, height, width, device=self.ray_embed.weight.device)
         emb = self.ray_embed(rays.to(self.ray_embed.weight.dtype))  # [B*S, E, h, w]
         return emb.flatten(2).transpose(1, 2).reshape(b, s, -1, emb.shape[1])
 
@@ -204,15 +207,15 @@ class MultiViewFoundationModel(nn.Module):
         prefix = bb.num_prefix_tokens
         normalized = None
         if cam_to_world is not None:
-            normalized, _ = normalize_cameras(cam_to_world.to(images.device).double(), self.config.reference_frame)
+            normalized, _ = normalize_cameras(cam_to_world, self.config.reference_frame)  # CPU, float64
         rays = None
         if self.ray_embed is not None:
-            rays = self.ray_tokens(intrinsics.to(images.device), normalized, height, width)
+            rays = self.ray_tokens(intrinsics, normalized, height, width)
         neighbors = None
         kv_pool = self.config.kv_pool
         # knn with every other view as a neighbour and no pooling is the joint attention: take the cheaper path
         if self.config.attention == "knn" and (self.config.num_neighbors < s - 1 or kv_pool > 1):
-            neighbors = select_neighbor_views(self.config.num_neighbors, s, b, normalized, device=images.device)
+            neighbors = select_neighbor_views(self.config.num_neighbors, s, b, normalized).to(images.device)
         for i in range(bb.depth):
             tokens = bb.run_block(i, tokens, ctx)
             a = self.adapter_of_block[i]

@@ -91,7 +91,10 @@ def view_source_from_dataset(dataset, load_image, data_root: Path, extra_key: Di
     )
 
 
-def _publish(store: FeatureStore, metadata: Dict) -> None:
+def _publish(store: FeatureStore, metadata: Dict, device) -> None:
+    """Put the feature dimension and display basis into the dataset metadata; on a GPU keep the features there."""
+    if torch.device(device).type == "cuda" and store.keep_on(torch.device(device)):
+        CONSOLE.print(f"MVFM features: kept on {device} ({store.features.nbytes / 2**20:.0f} MB, float16)")
     metadata[FEATURE_DIM_KEY] = store.feature_dim
     assert store.display_basis is not None
     metadata[DISPLAY_BASIS_KEY] = {k: v.clone() for k, v in store.display_basis.state().items()}
@@ -129,11 +132,11 @@ class MVFMDataManager(VanillaDataManager):
             ds, ds.get_image_float32, self.config.dataparser.data, {"scale_factor": ds.scale_factor}
         )
         self.feature_store = FeatureStore(self.config.features, source, device=str(device)).prepare()
-        _publish(self.feature_store, ds.metadata)
+        _publish(self.feature_store, ds.metadata, device)
 
     def next_train(self, step: int):
         ray_bundle, batch = super().next_train(step)
-        batch["feature"] = self.feature_store.sample_pixels(batch["indices"]).to(self.device)
+        batch["feature"] = self.feature_store.sample_pixels(batch["indices"]).to(self.device, non_blocking=True)
         return ray_bundle, batch
 
 
@@ -178,7 +181,7 @@ class MVFMFullImageDatamanager(FullImageDatamanager):
         extra = {"scale_factor": ds.scale_factor, **({"undistorted": True} if distorted else {})}
         source = view_source_from_dataset(ds, load, self.config.dataparser.data, extra)
         self.feature_store = FeatureStore(self.config.features, source, device=str(device)).prepare()
-        _publish(self.feature_store, ds.metadata)
+        _publish(self.feature_store, ds.metadata, device)
 
     @property
     def feature_grid(self) -> Tuple[int, int]:

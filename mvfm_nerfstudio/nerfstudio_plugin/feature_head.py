@@ -85,7 +85,7 @@ class _LazyLPIPS:
 
     def __call__(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         if not self.enabled:
-            return torch.tensor(float("nan"))
+            return torch.tensor(float("nan"), device=a.device)
         if self._metric is None:
             from torchmetrics.image.lpip import LearnedPerceptualImagePatchSimilarity
 

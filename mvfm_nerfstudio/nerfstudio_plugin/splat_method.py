@@ -6,7 +6,7 @@ latents and the feature decoder get their own optimiser groups. CPU-friendly def
 fewer random Gaussians inside the normalised scene box when the scene has no sparse
 points (``load_3D_points=True`` seeds from ``ply_file_path`` when present, read without
 open3d), images cached
-on the CPU, the PyTorch rasteriser compositing each pixel's first 256 contributing
+on the training device (as splatfacto), the PyTorch rasteriser compositing each pixel's first 256 contributing
 Gaussians. On a GPU, gsplat's CUDA rasteriser is used automatically.
 
 Options show under ``ns-train mvfm-splat --help``, e.g. ``--pipeline.model.latent-dim``,
@@ -94,7 +94,7 @@ def mvfm_splat_config() -> TrainerConfig:
         pipeline=VanillaPipelineConfig(
             datamanager=MVFMFullImageDatamanagerConfig(
                 dataparser=NerfstudioPlyDataParserConfig(load_3D_points=True),
-                cache_images="cpu",
+                cache_images="gpu",  # splatfacto's default: images live on the training device (the CPU without CUDA)
                 cache_images_type="uint8",
             ),
             model=MVFMSplatModelConfig(num_random=10000, random_scale=2.0),

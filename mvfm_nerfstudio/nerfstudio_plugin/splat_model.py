@@ -50,7 +50,7 @@ from torch.nn import Parameter
 
 from ..geometry.cameras import invert_pose, look_along, opengl_to_opencv
 from ..geometry.feature_grid import resize_map
-from ..splatting import rasterize, sh_colors
+from ..splatting import rasterize, resolve_backend, sh_colors
 from .feature_head import FeatureHeadConfig, FeatureHeadMixin, check_ray
 
 __all__ = ["MVFMSplatModelConfig", "MVFMSplatModel"]
@@ -61,17 +61,22 @@ class MVFMSplatModelConfig(FeatureHeadConfig, SplatfactoModelConfig):
     """splatfacto + per-Gaussian latent features decoded to MVFM features (see the module docstring)."""
 
     _target: Type = field(default_factory=lambda: MVFMSplatModel)
-    latent_dim: int = 16
-    """Per-Gaussian latent feature channels (composited together with RGB)."""
+    latent_dim: int = 13
+    """Per-Gaussian latent feature channels (composited together with RGB). 13 makes RGB + latents 16 channels and
+    17 with depth, both counts gsplat's CUDA rasteriser supports natively (others are zero-padded every render,
+    e.g. 19-20 to 32)."""
     decoder_hidden_dim: int = 64
     """Hidden width of the per-pixel latent -> MVFM feature MLP; 0 = a linear decoder."""
     latent_init_std: float = 0.1
     """Standard deviation of the random initial latents."""
-    feature_loss_resolution: Literal["render", "grid"] = "render"
-    """Where the feature loss is computed: 'render' (cached map upsampled to the render) or 'grid' (render resampled
-    to the cached feature grid)."""
+    feature_loss_resolution: Literal["auto", "render", "grid"] = "auto"
+    """Where the feature loss is computed: 'render' (cached map upsampled to the render), 'grid' (render resampled
+    to the cached feature grid), or 'auto': 'render' up to 512x512 rendered pixels (CPU-sized), 'grid' above
+    (at 1-2 MP an upsampled H x W x D target costs several hundred MB per step)."""
     rasterizer: Literal["auto", "gsplat", "torch"] = "auto"
-    """Rasteriser backend: 'auto' (gsplat CUDA on a GPU, the PyTorch tile compositor on CPU), 'gsplat' or 'torch'."""
+    """Rasteriser backend: 'auto' (gsplat's CUDA kernels on a GPU when they build, else, with a warning, the
+    PyTorch tile compositor; on CPU the PyTorch compositor), 'gsplat' (fails naming the fix when its kernels are
+    missing) or 'torch'. The first CUDA run compiles gsplat's kernels (minutes; needs nvcc)."""
     max_gaussians_per_pixel: Optional[int] = 256
     """PyTorch rasteriser: composite each pixel's first K contributing Gaussians (None = all, exact). Costs follow
     the actual list lengths, so the cap mainly bounds memory (long lists on large viewer renders)."""
@@ -80,8 +85,10 @@ class MVFMSplatModelConfig(FeatureHeadConfig, SplatfactoModelConfig):
     the cost of crowded blocks)."""
     ray_query_focal: float = 1000.0
     """Focal length (pixels) of the small pinhole camera feature_at_ray renders: larger = a thinner ray."""
-    max_num_gaussians: Optional[int] = None
-    """Stop growing (clone/split) once there are this many Gaussians; pruning continues. None = no cap."""
+    max_num_gaussians: Optional[int] = 3_000_000
+    """Stop growing (clone/split) once there are this many Gaussians; pruning continues. None = no cap. The feature
+    loss adds to the screen-space gradients splatfacto's densification threshold was tuned on (more Gaussians
+    cross it), so GPU runs are capped too (splatfacto's scenes typically end at 0.5-3 M)."""
     max_num_gaussians_cpu: Optional[int] = 200_000
     """The same cap when training on CPU, where time per iteration grows with the count. None = no cap."""
 
@@ -98,6 +105,8 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
         if c.use_bilateral_grid:
             raise ValueError("mvfm-splat does not support use_bilateral_grid (set --pipeline.model.use-bilateral-grid "
                              "False)")
+        # probed once: gsplat may compile its CUDA kernels here (first run) or be unusable (no nvcc)
+        self.rasterizer_backend = resolve_backend(c.rasterizer, torch.device(self.kwargs.get("device", "cpu")))
         seed = self.seed_points
         # splatfacto's seeded initialisation calls .cuda(): let it initialise randomly, then re-seed on any device
         self.seed_points = None
@@ -106,7 +115,7 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
         if seed is not None and not c.random_init and len(seed[0]) >= 4:
             self._init_gaussians(seed[0].float(), seed[1].float() / 255.0 if len(seed[1]) else None)
         n = self.num_points
-        self.gauss_params["latents"] = Parameter(torch.randn(n, c.latent_dim) * c.latent_init_std)
+        self.gauss_params["latents"] = Parameter(torch.randn(n, c.latent_dim) * c.latent_init_std)  # device: CPU init
 
         dim = self.feature_dim
         if c.decoder_hidden_dim > 0:
@@ -121,13 +130,13 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
         distances, _ = self.k_nearest_sklearn(means, 3)
         scales = torch.log(torch.from_numpy(distances).mean(dim=-1, keepdim=True).clamp_min(1e-7).repeat(1, 3))
         n, dim_sh = means.shape[0], num_sh_bases(self.config.sh_degree)
-        shs = torch.zeros(n, dim_sh, 3)
+        shs = torch.zeros(n, dim_sh, 3)  # device: CPU init
         if rgb is not None:
             shs[:, 0] = RGB2SH(rgb) if self.config.sh_degree > 0 else torch.logit(rgb, eps=1e-10)
         else:
-            shs[:, 0] = torch.rand(n, 3)
+            shs[:, 0] = torch.rand(n, 3)  # device: CPU init
         params = {"means": means, "scales": scales, "quats": random_quat_tensor(n), "features_dc": shs[:, 0],
-                  "features_rest": shs[:, 1:], "opacities": torch.logit(0.1 * torch.ones(n, 1))}
+                  "features_rest": shs[:, 1:], "opacities": torch.logit(0.1 * torch.ones(n, 1))}  # device: CPU init
         for name, value in params.items():
             self.gauss_params[name] = Parameter(value.contiguous())
 
@@ -169,6 +178,12 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
 
     # ------------------------------------------------------------------------------------------ rendering
 
+    def _backend(self) -> str:
+        """The rasteriser chosen at set-up, re-chosen if the model has since moved to another kind of device."""
+        if (self.rasterizer_backend == "gsplat") != (self.device.type == "cuda"):
+            self.rasterizer_backend = resolve_backend(self.config.rasterizer, self.device)
+        return self.rasterizer_backend
+
     def _sh_degree(self) -> Optional[int]:
         if self.config.sh_degree <= 0:
             return None
@@ -188,14 +203,14 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
             colors = torch.sigmoid(p["features_dc"])
         else:
             sh = torch.cat([p["features_dc"][:, None], p["features_rest"]], dim=1)
-            colors = sh_colors(sh, p["means"], viewmat, degree)
+            colors = sh_colors(sh, p["means"], viewmat, degree, self._backend())
         channels = torch.cat([colors, p["latents"]], dim=-1)
         render, alpha, meta = rasterize(
             p["means"], p["quats"], torch.exp(p["scales"]), torch.sigmoid(p["opacities"]).squeeze(-1), channels,
             viewmat, K, width, height, near_plane=0.01, far_plane=1e10, antialiased=self.config.rasterize_mode ==
             "antialiased", render_depth=render_depth, max_per_block=self.config.max_gaussians_per_block,
             max_per_pixel=self.config.max_gaussians_per_pixel,
-            absgrad=self.strategy.absgrad and self.training, backend=self.config.rasterizer,
+            absgrad=self.strategy.absgrad and self.training, backend=self._backend(),
         )
         latent_end = 3 + self.config.latent_dim
         latent = render[..., 3:latent_end] / alpha.clamp_min(1e-3)
@@ -290,6 +305,9 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
         target = batch["feature"].to(pred)
         if target.ndim != 3 or target.shape[-1] != pred.shape[-1]:
             raise ValueError(f"batch['feature'] must be [h, w, {pred.shape[-1]}], got {list(target.shape)}")
-        if self.config.feature_loss_resolution == "grid":
+        mode = self.config.feature_loss_resolution
+        if mode == "auto":
+            mode = "render" if pred.shape[0] * pred.shape[1] <= 512 * 512 else "grid"
+        if mode == "grid":
             return resize_map(pred, tuple(target.shape[:2])), target
         return pred, resize_map(target, tuple(pred.shape[:2]))

@@ -33,7 +33,7 @@ def otsu_threshold(hist: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> flo
         raise ValueError("otsu_threshold: empty histogram")
     p = p / total
     bins = p.numel()
-    centres = lo + (torch.arange(bins, dtype=torch.float64) + 0.5) * (hi - lo) / bins
+    centres = lo + (torch.arange(bins, dtype=torch.float64, device=p.device) + 0.5) * (hi - lo) / bins
     omega = p.cumsum(0)
     mu = (p * centres).cumsum(0)
     denom = omega * (1 - omega)
@@ -105,7 +105,7 @@ def segment_views(
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
         return MultiViewSegmentation(grids, image_sizes, float(threshold), "fixed")
-    hist = torch.zeros(bins, dtype=torch.float64)
+    hist = torch.zeros(bins, dtype=torch.float64, device=grids[0].device)
     for i, g in enumerate(grids):
         up = resize_map(g, tuple(int(v) for v in image_sizes[i]))
         hist += torch.histc(up.double(), bins=bins, min=-1.0, max=1.0)

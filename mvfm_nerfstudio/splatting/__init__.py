@@ -12,7 +12,8 @@ channels). Backends:
 * ``"torch"``: gsplat's PyTorch reference *projection* (``_fully_fused_projection``, works on
   CPU) followed by our own vectorised tile compositor :func:`composite_tiles`; autograd
   gives the backward pass.
-* ``"auto"``: ``"gsplat"`` for CUDA tensors, ``"torch"`` otherwise.
+* ``"auto"``: ``"gsplat"`` for CUDA tensors when its kernels build/load, ``"torch"`` otherwise
+  (:func:`~.rasterize.resolve_backend`).
 
 :func:`composite_reference` is a dense, obviously-correct compositor (every pixel against
 every Gaussian, sorted by depth) used by the tests and the benchmark to check the fast path.
@@ -57,11 +58,12 @@ How the PyTorch path works and where it deviates from gsplat CUDA (:func:`compos
 
 from .composite import bin_blocks, composite_lists, composite_reference, composite_tiles, select_contributions
 from .projection import ALPHA_MAX, ALPHA_MIN, T_MIN, Projection, block_bounds, project_gaussians, tile_bounds
-from .rasterize import rasterize, sh_colors
+from .rasterize import GSPLAT_FIX, gsplat_cuda_status, rasterize, resolve_backend, sh_colors
 
 __all__ = [
     "ALPHA_MAX",
     "ALPHA_MIN",
+    "GSPLAT_FIX",
     "T_MIN",
     "Projection",
     "bin_blocks",
@@ -69,8 +71,10 @@ __all__ = [
     "composite_lists",
     "composite_reference",
     "composite_tiles",
+    "gsplat_cuda_status",
     "project_gaussians",
     "rasterize",
+    "resolve_backend",
     "select_contributions",
     "sh_colors",
     "tile_bounds",

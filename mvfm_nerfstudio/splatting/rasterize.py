@@ -1,11 +1,16 @@
 """The one functional entry point, :func:`rasterize`: gsplat's CUDA rasteriser or the PyTorch path.
 
-Also :func:`sh_colors` (view-dependent colours from spherical harmonics, as gsplat evaluates them).
+Also :func:`sh_colors` (view-dependent colours from spherical harmonics, as gsplat evaluates them) and
+:func:`resolve_backend`, which picks the backend once per model: gsplat 1.4 ships no prebuilt CUDA kernels
+and compiles them on first use (minutes, and it needs ``nvcc``); without ``nvcc`` its kernels are missing and
+every gsplat call fails. ``"auto"`` then falls back to the PyTorch rasteriser with a one-line warning.
 """
 
 from __future__ import annotations
 
-from typing import Any, Dict, Literal, Optional, Tuple
+import functools
+import warnings
+from typing import Any, Callable, Dict, Literal, Optional, Tuple
 
 import torch
 from torch import Tensor
@@ -13,17 +18,61 @@ from torch import Tensor
 from .composite import composite_tiles
 from .projection import project_gaussians
 
-__all__ = ["Backend", "rasterize", "sh_colors"]
+__all__ = ["Backend", "GSPLAT_FIX", "gsplat_cuda_status", "resolve_backend", "rasterize", "sh_colors"]
 
 Backend = Literal["auto", "gsplat", "torch"]
 
+GSPLAT_FIX = (
+    "gsplat 1.4 compiles its CUDA kernels on first use: put the CUDA toolkit's nvcc on PATH (matching torch's CUDA "
+    "version) and run again (the first run compiles for several minutes, later runs reuse the build in "
+    "~/.cache/torch_extensions), or use the PyTorch rasteriser (--pipeline.model.rasterizer torch)"
+)
 
-def sh_colors(sh: Tensor, means: Tensor, viewmat: Tensor, degree: int) -> Tensor:
+
+@functools.lru_cache(maxsize=1)
+def gsplat_cuda_status() -> Tuple[bool, str]:
+    """``(usable, why not)`` for gsplat's CUDA kernels. Imports gsplat's backend, which compiles the kernels
+    the first time when ``nvcc`` is present; call it only where CUDA is available."""
+    try:
+        from gsplat.cuda._backend import _C
+    except Exception as err:  # a failed JIT build raises from inside torch.utils.cpp_extension
+        return False, f"building gsplat's CUDA kernels failed ({type(err).__name__}: {err})"
+    if _C is None:
+        return False, "gsplat's CUDA kernels are not built (no CUDA toolkit / nvcc found)"
+    return True, ""
+
+
+def resolve_backend(requested: str, device: torch.device,
+                    probe: Callable[[], Tuple[bool, str]] = gsplat_cuda_status) -> str:
+    """The backend to use on ``device``: ``"gsplat"`` or ``"torch"``.
+
+    ``"auto"``: gsplat on CUDA when its kernels work, else the PyTorch rasteriser (with a one-line warning on
+    CUDA). ``"gsplat"`` on a device or machine where it cannot run raises a ``RuntimeError`` naming the fix.
+    """
+    if requested not in ("auto", "gsplat", "torch"):
+        raise ValueError(f"unknown rasterizer {requested!r}; use 'auto', 'gsplat' or 'torch'")
+    if requested == "torch" or (requested == "auto" and device.type != "cuda"):
+        return "torch"
+    if device.type != "cuda":
+        raise RuntimeError(f"rasterizer='gsplat' needs a CUDA device (gsplat's rasteriser is CUDA-only), got "
+                           f"{device}; use 'auto' or 'torch'")
+    usable, why = probe()
+    if usable:
+        return "gsplat"
+    if requested == "gsplat":
+        raise RuntimeError(f"rasterizer='gsplat': {why}. Fix: {GSPLAT_FIX}")
+    warnings.warn(f"{why}: using the PyTorch rasteriser on {device} (slower). Fix: {GSPLAT_FIX}", stacklevel=2)
+    return "torch"
+
+
+def sh_colors(sh: Tensor, means: Tensor, viewmat: Tensor, degree: int, backend: str = "torch") -> Tensor:
     """RGB from spherical-harmonic coefficients seen from a camera, as gsplat's rasterization.
 
     Args:
         sh: ``[N, K, 3]`` coefficients. means: ``[N, 3]``. viewmat: ``[4, 4]`` world-to-camera.
         degree: SH degree to use (``(degree + 1)² <= K``).
+        backend: ``"gsplat"`` (its CUDA kernel; CUDA tensors) or ``"torch"`` (gsplat's PyTorch reference, any
+            device), as chosen by :func:`resolve_backend` for the rasteriser.
     Returns:
         ``[N, 3]`` colours ``max(SH(dir) + 0.5, 0)``.
     """
@@ -31,7 +80,7 @@ def sh_colors(sh: Tensor, means: Tensor, viewmat: Tensor, degree: int) -> Tensor
 
     cam_center = -viewmat[:3, :3].T @ viewmat[:3, 3]
     dirs = means - cam_center
-    if sh.is_cuda:
+    if backend == "gsplat":
         from gsplat import spherical_harmonics
 
         rgb = spherical_harmonics(degree, dirs, sh)
@@ -80,7 +129,7 @@ def rasterize(
         block_size, max_per_block, max_per_pixel: torch backend: binning block size and front-K
             truncations per block / per pixel (None: exact); see :func:`composite_tiles`.
         absgrad: fill ``meta["means2d"].absgrad`` in backward (for AbsGS densification).
-        backend: ``"auto"`` (gsplat for CUDA tensors, torch otherwise), ``"gsplat"`` or ``"torch"``.
+        backend: ``"auto"`` (:func:`resolve_backend` for the tensors' device), ``"gsplat"`` or ``"torch"``.
 
     Returns:
         ``render [H, W, C(+1)]``, ``alpha [H, W, 1]`` and ``meta``: gsplat-compatible info for
@@ -89,7 +138,7 @@ def rasterize(
         ``tile_size``) plus ``backend`` and, for torch, the truncation stats of :func:`composite_tiles`.
     """
     if backend == "auto":
-        backend = "gsplat" if means.is_cuda else "torch"
+        backend = resolve_backend("auto", means.device)
     if colors.ndim != 2 or colors.shape[0] != means.shape[0]:
         raise ValueError(f"rasterize: colors must be [N, C] with N={means.shape[0]}, got {list(colors.shape)}")
     if background is not None and background.shape != (colors.shape[1],):

@@ -30,6 +30,7 @@ def adapt_to_scene(
     config: Optional[Union[TrainConfig, str]] = None,
     steps: Optional[int] = None,
     output_dir: Optional[Union[str, Path]] = None,
+    single_process: bool = False,
     **overrides,
 ) -> Path:
     """Adapt an MVFM to one scene and return the adapter checkpoint path.
@@ -44,6 +45,7 @@ def adapt_to_scene(
             ``scene-adapt-cpu`` preset.
         steps: optimiser steps (overrides the config).
         output_dir: run folder (checkpoints, tensorboard); default ``outputs/adapt/<scene name>``.
+        single_process: adapt in this process alone, also inside a distributed job (see :class:`Trainer`).
         **overrides: any other :class:`TrainConfig` field (e.g. ``weights="random"``, ``lr=3e-4``).
 
     Returns:
@@ -62,4 +64,4 @@ def adapt_to_scene(
     elif output_dir is not None:
         updates["output_dir"] = Path(output_dir)
     config = config_from_dict(updates, base=dataclasses.replace(config, scenes=()))
-    return Trainer(config, scenes=[scene], model=model).train()
+    return Trainer(config, scenes=[scene], model=model, single_process=single_process).train()

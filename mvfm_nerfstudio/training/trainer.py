@@ -35,7 +35,7 @@ from ..models.build import build_model
 from ..models.mvfm import MultiViewFoundationModel
 from ..utils.io import atomic_path, atomic_write
 from ..utils.progress import make_progress
-from ..utils.runtime import torch_threads
+from ..utils.runtime import compute_precision, torch_threads
 from .config import TrainConfig, config_to_dict
 from .losses import base_regularizer, info_nce_loss, location_loss
 
@@ -79,6 +79,8 @@ class Trainer:
             default ``config.scenes``.
         model: an existing MVFM to train in place (its backbone must match the config's for
             evaluation to rebuild it); default: built from the config.
+        single_process: train in this process alone even inside a distributed job (per-scene adaptation
+            run by one rank of a multi-GPU ``ns-train``); default: join ``torchrun``'s process group.
     """
 
     def __init__(
@@ -86,8 +88,10 @@ class Trainer:
         config: TrainConfig,
         scenes: Optional[Sequence[SceneLike]] = None,
         model: Optional[MultiViewFoundationModel] = None,
+        single_process: bool = False,
     ):
         self.config = config
+        self.single_process = single_process
         self._scene_inputs = list(scenes) if scenes is not None else list(config.scenes)
         if not self._scene_inputs:
             raise ValueError("no scenes to train on: pass scene folders (--scenes PATH ...)")
@@ -100,7 +104,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     @property
     def distributed(self) -> bool:
-        return dist.is_available() and dist.is_initialized()
+        return not self.single_process and dist.is_available() and dist.is_initialized()
 
     @property
     def rank(self) -> int:
@@ -115,8 +119,15 @@ class Trainer:
         return self.rank == 0
 
     def _init_distributed(self, device: torch.device) -> None:
-        if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not self.distributed:
-            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when this process starts it."""
+        if self.single_process or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or self.distributed:
+            return
+        if device.type == "cuda":
+            # NCCL uses the current device; this process owns the job here, so binding it is ours to do
+            torch.cuda.set_device(device)
+            dist.init_process_group(backend="nccl", device_id=device)
+        else:
+            dist.init_process_group(backend="gloo")
 
     def setup(self) -> "Trainer":
         """Build the model, load scenes, precompute pools and base features, create the optimiser, resume."""
@@ -129,8 +140,6 @@ class Trainer:
         cfg = self.config
         _check_config(cfg)
         self.device = cfg.resolve_device()
-        if self.device.type == "cuda":
-            torch.cuda.set_device(self.device)
         self._init_distributed(self.device)
         if self._given_model is not None:
             self.model = self._given_model.to(self.device)
@@ -178,8 +187,8 @@ class Trainer:
         g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step + 1)
         drawn = []
         for _ in range(cfg.batch_sets * self.world_size):
-            si = int(torch.randint(len(self.scenes), (1,), generator=g))
-            vs = self.pools[si][int(torch.randint(len(self.pools[si]), (1,), generator=g))]
+            si = int(torch.randint(len(self.scenes), (1,), generator=g))  # device: CPU generator
+            vs = self.pools[si][int(torch.randint(len(self.pools[si]), (1,), generator=g))]  # device: CPU generator
             drawn.append((si, vs, vs.corr.subsample(cfg.num_correspondences, generator=g)))
         return drawn[self.rank * cfg.batch_sets : (self.rank + 1) * cfg.batch_sets]
 
@@ -192,33 +201,37 @@ class Trainer:
             group["lr"] = self.lr_at(step)
         self.optimizer.zero_grad(set_to_none=True)
         batch = self.draw(step)
-        sums = torch.zeros(4, dtype=torch.float64)
+        sums = torch.zeros(4, dtype=torch.float64, device=self.device)  # on the device: NCCL reduces it, no syncs
         for k, (si, vs, corr) in enumerate(batch):
             data = self.scenes[si]
-            images, intr, c2w = (t.to(self.device) for t in data.inputs(vs.views))
+            images, intr, c2w = data.inputs(vs.views)  # cameras stay on the CPU (the MVFM normalises them there)
+            images = images.to(self.device, non_blocking=True)
             base = data.base[torch.as_tensor(vs.views)].to(self.device)
             corr = corr.to(self.device)
             sync = self.ddp is None or k == len(batch) - 1
             with contextlib.nullcontext() if sync else self.ddp.no_sync():
-                feats = net(images, intr, c2w)[0]
+                with compute_precision(self.device, cfg.bf16):
+                    feats = net(images, intr, c2w)[0]
+                feats = feats.float()  # losses (softmax over cells, norms) in fp32
                 l_loc = location_loss(feats, corr, data.size, cfg.temperature)
                 l_reg = base_regularizer(feats, base)
                 loss = l_loc + cfg.reg_weight * l_reg
-                l_nce = torch.zeros(())
+                l_nce = torch.zeros((), device=self.device)
                 if cfg.nce_weight > 0:
                     l_nce = info_nce_loss(feats, corr, data.size, cfg.nce_temperature)
                     loss = loss + cfg.nce_weight * l_nce
                 (loss / len(batch)).backward()
-            sums += torch.tensor([float(x.detach()) for x in (loss, l_loc, l_reg, l_nce)], dtype=torch.float64)
+            sums += torch.stack([x.detach().to(sums) for x in (loss, l_loc, l_reg, l_nce)])
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, max_norm))
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
         self.optimizer.step()
         sums /= len(batch)
         if self.distributed:
             dist.all_reduce(sums)
             sums /= self.world_size
-        return {"loss": float(sums[0]), "location": float(sums[1]), "regularizer": float(sums[2]),
-                "info_nce": float(sums[3]), "grad_norm": grad_norm, "lr": self.lr_at(step)}
+        loss, location, regularizer, info_nce, grad_norm = torch.cat([sums, grad_norm.to(sums)[None]]).tolist()
+        return {"loss": loss, "location": location, "regularizer": regularizer, "info_nce": info_nce,
+                "grad_norm": grad_norm, "lr": self.lr_at(step)}
 
     def train(self) -> Path:
         """Run (or resume) training to ``config.steps``; returns the final ``adapters.safetensors``."""

@@ -18,7 +18,7 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-__all__ = ["DEVICE_HELP", "DeviceLike", "resolve_device", "torch_threads", "single_threaded"]
+__all__ = ["DEVICE_HELP", "DeviceLike", "resolve_device", "torch_threads", "single_threaded", "compute_precision"]
 
 DEVICE_HELP = "'auto' (this process's CUDA GPU if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
 
@@ -67,6 +67,22 @@ def torch_threads(n: int) -> Iterator[None]:
         yield
     finally:
         torch.set_num_threads(before)
+
+
+def compute_precision(device: torch.device, bf16: bool = False):
+    """Context for a model's forward (and loss) on ``device``.
+
+    On CUDA: TF32 matrix products (``torch.set_float32_matmul_precision("high")``, process-wide: Nerfstudio's
+    trainer does the same) and, with ``bf16``, bf16 autocast. On the CPU: nothing, and never bf16 (it is ~100x
+    slower than fp32 on these CPUs). Camera maths stays in float64 on the CPU either way (the MVFM normalises
+    cameras before anything reaches the device).
+    """
+    if device.type != "cuda":
+        return contextlib.nullcontext()
+    torch.set_float32_matmul_precision("high")
+    if bf16:
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def single_threaded():

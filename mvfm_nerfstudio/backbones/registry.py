@@ -97,6 +97,8 @@ register_backbone(_dinov2("dinov2_vitb14_reg", "vit_base_patch14_reg4_dinov2", 7
 for _name, _timm, _width, _desc in [
     ("dinov3_vits16", "vit_small_patch16_dinov3", 384, "DINOv3 ViT-S/16 (4 registers, RoPE)"),
     ("dinov3_vits16plus", "vit_small_plus_patch16_dinov3", 384, "DINOv3 ViT-S+/16 (paper's DINOv3 model)"),
+    ("dinov3_vits16plus_qkvb", "vit_small_plus_patch16_dinov3_qkvb", 384,
+     "DINOv3 ViT-S+/16 with q/v biases (the published MV-DINOv3's backbone)"),
     ("dinov3_vitb16", "vit_base_patch16_dinov3", 768, "DINOv3 ViT-B/16"),
 ]:
     register_backbone(BackboneSpec(
@@ -112,6 +114,14 @@ register_backbone(BackboneSpec(
     depth=12, num_prefix_tokens=1, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
     description="OpenAI CLIP ViT-B/16 image tower (QuickGELU)", license="mit",
     tiny_overrides=_TINY_VIT, timm_kwargs=_DYNAMIC,
+))
+
+register_backbone(BackboneSpec(
+    name="clip_vitb16_laion", timm_name="vit_base_patch16_clip_384", pretrained_tag="laion2b_ft_in12k_in1k",
+    family="vit", patch_size=16, default_image_size=(512, 512), embed_dim=768, feature_dim=768,
+    depth=12, num_prefix_tokens=1, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
+    description="LAION-2B CLIP ViT-B/16 image tower, fine-tuned on ImageNet (the published MV-CLIP's and FiT3D's CLIP)",
+    license="apache-2.0", tiny_overrides=_TINY_VIT, timm_kwargs=_DYNAMIC,
 ))
 
 register_backbone(BackboneSpec(

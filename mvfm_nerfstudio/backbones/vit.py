@@ -13,7 +13,12 @@ Weights (``weights=``) are one of:
 * ``"pretrained"``: timm's pretrained weights, from the Hugging Face cache if present,
   otherwise downloaded from the hub (fails fast with a clear error when offline);
 * a path to a local ``.safetensors`` / ``.pth`` file (timm or original-format state dict);
+* ``"fit3d"``: the FiT3D fine-tuned backbone of this architecture (Yue et al., Hugging Face repo
+  ``yuanwenyue/FiT3D``, plain timm state dicts), from the Hugging Face cache or the hub;
 * ``"random"``: random initialisation, for tests and demos only.
+
+:func:`backbone_from_state_dict` builds a backbone from tensors already in memory (a converted
+published checkpoint carries its own fine-tuned backbone).
 """
 
 from __future__ import annotations
@@ -24,11 +29,12 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Tuple, Union
+from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..errors import CheckpointMismatchError, WeightsUnavailableError
 from .registry import BackboneSpec, get_backbone_spec
@@ -38,12 +44,33 @@ __all__ = [
     "TokenContext",
     "ImageSizeError",
     "create_backbone",
+    "backbone_from_state_dict",
+    "hub_file",
+    "FIT3D_REPO",
+    "FIT3D_FILES",
+    "POS_EMBED_MODES",
     "WeightsSource",
 ]
 
 logger = logging.getLogger(__name__)
 
 WeightsSource = Union[str, os.PathLike]
+
+FIT3D_REPO = "yuanwenyue/FiT3D"
+"""Hugging Face repo of the FiT3D fine-tuned backbones (the MVFM paper's baseline)."""
+FIT3D_FILES = {
+    "dinov2_vits14": "dinov2_small_finetuned.pth",
+    "dinov2_vitb14": "dinov2_base_finetuned.pth",
+    "dinov2_vits14_reg": "dinov2_reg_small_finetuned.pth",
+    "clip_vitb16_laion": "clip_base_finetuned.pth",
+}
+"""Registered backbone -> FiT3D file (plain timm state dicts of exactly these timm architectures)."""
+
+POS_EMBED_MODES = ("timm", "dinov2_hub", "bilinear")
+"""How absolute position embeddings are resampled to the patch grid: ``timm`` (timm's own: bicubic with
+antialiasing), ``dinov2_hub`` (the DINOv2 torch.hub code the MVFM authors used: bicubic at scale
+``(n + 0.1) / N``, no antialiasing, skipped at the stored grid), ``bilinear`` (the authors' SAM: bilinear,
+no antialiasing)."""
 
 
 class ImageSizeError(ValueError):
@@ -67,7 +94,9 @@ def _weights_options(spec: BackboneSpec) -> str:
         "(download once on a connected machine, e.g. `python -c \"import timm; "
         f"timm.create_model('{spec.timm_pretrained_name}', pretrained=True)\"`, then copy ~/.cache/huggingface);\n"
         "  weights='/path/to/weights.safetensors'  a local timm or original-format state dict (.safetensors or .pth);\n"
-        "  weights='random'  random initialisation (tests and demos only: features are not meaningful)."
+        + (f"  weights='fit3d'  the FiT3D fine-tuned backbone ({FIT3D_REPO}/{FIT3D_FILES[spec.name]});\n"
+           if spec.name in FIT3D_FILES else "")
+        + "  weights='random'  random initialisation (tests and demos only: features are not meaningful)."
     )
 
 
@@ -84,6 +113,65 @@ def _hub_reachable(timeout: float = 3.0) -> bool:
             return True
     except OSError:
         return False
+
+
+def hub_file(repo_id: str, filenames: Sequence[str], what: str, options: str) -> str:
+    """Local path of the first of ``filenames`` in Hugging Face repo ``repo_id``: from the Hugging Face cache,
+    else downloaded when the hub is reachable.
+
+    Args:
+        repo_id: e.g. ``"Leoseg/dinov2_reg"``.
+        filenames: candidate paths inside the repo, tried in order.
+        what: what the file is, for error messages.
+        options: the alternatives the error messages list.
+
+    Raises:
+        WeightsUnavailableError: not cached and offline (within seconds), not in the repo, or the download failed.
+    """
+    from huggingface_hub import constants, hf_hub_download, try_to_load_from_cache
+
+    for filename in filenames:
+        path = try_to_load_from_cache(repo_id, filename, cache_dir=constants.HF_HUB_CACHE)
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    if not _hub_reachable():
+        raise WeightsUnavailableError(
+            f"{what} ({repo_id}: {' or '.join(filenames)}) is not in the Hugging Face cache "
+            f"({constants.HF_HUB_CACHE}) and the hub is not reachable (offline, or HF_HUB_OFFLINE=1).\n{options}"
+        )
+    from huggingface_hub.utils import EntryNotFoundError
+
+    for filename in filenames:
+        try:
+            return hf_hub_download(repo_id, filename, cache_dir=constants.HF_HUB_CACHE)
+        except EntryNotFoundError:
+            continue
+        except Exception as err:
+            raise WeightsUnavailableError(
+                f"downloading {what} ({repo_id}/{filename}) failed: {type(err).__name__}: {err}\n{options}"
+            ) from err
+    raise WeightsUnavailableError(f"the Hugging Face repo {repo_id} has none of {list(filenames)} ({what}).\n{options}")
+
+
+def _fit3d_file(spec: BackboneSpec) -> str:
+    if spec.name not in FIT3D_FILES:
+        raise WeightsUnavailableError(
+            f"FiT3D has no fine-tuned backbone for {spec.name!r}; it has: {', '.join(sorted(FIT3D_FILES))}.\n"
+            + _weights_options(spec)
+        )
+    return hub_file(FIT3D_REPO, [FIT3D_FILES[spec.name]], f"FiT3D weights for backbone {spec.name!r}",
+                    _weights_options(spec) + "\nOr copy the Hugging Face cache (~/.cache/huggingface) from a "
+                    "connected machine where the file was downloaded.")
+
+
+def cached_fit3d_file(spec: BackboneSpec) -> Optional[str]:
+    """Path of the backbone's FiT3D weights in the Hugging Face cache, or None (no network)."""
+    from huggingface_hub import constants, try_to_load_from_cache
+
+    if spec.name not in FIT3D_FILES:
+        return None
+    path = try_to_load_from_cache(FIT3D_REPO, FIT3D_FILES[spec.name], cache_dir=constants.HF_HUB_CACHE)
+    return path if isinstance(path, str) and os.path.isfile(path) else None
 
 
 def cached_pretrained_file(spec: BackboneSpec) -> Optional[str]:
@@ -159,7 +247,7 @@ def _load_pretrained(spec: BackboneSpec, tiny: bool) -> nn.Module:
 
 def describe_weights(weights: WeightsSource) -> str:
     """Canonical string for a weights choice (used in checkpoint metadata and cache keys)."""
-    if isinstance(weights, str) and weights in ("pretrained", "random"):
+    if isinstance(weights, str) and weights in ("pretrained", "random", "fit3d"):
         return weights
     return str(Path(weights).expanduser().resolve())
 
@@ -174,6 +262,11 @@ class FoundationBackbone(nn.Module):
         tiny: whether this is the tiny test-size architecture.
     """
 
+    pos_embed_resample: str = "timm"
+    """How absolute position embeddings are resampled (:data:`POS_EMBED_MODES`); see :meth:`set_token_options`."""
+    final_norm: bool = True
+    """Whether :meth:`head` applies the final LayerNorm (SAM always uses its neck)."""
+
     def __init__(self, spec: BackboneSpec, model: nn.Module, weights: str, tiny: bool = False):
         super().__init__()
         self.spec = spec
@@ -185,6 +278,9 @@ class FoundationBackbone(nn.Module):
         self.embed_dim = int(model.embed_dim)
         self.depth = len(model.blocks)
         self.num_prefix_tokens = 0 if spec.family == "sam" else int(model.num_prefix_tokens)
+        # timm puts register tokens last among the prefix tokens ([CLS, registers..., patches])
+        reg = getattr(model, "reg_token", None)
+        self.num_register_tokens = 0 if reg is None or spec.family == "sam" else int(reg.shape[1])
         self.feature_dim = int(model.num_features) if spec.family == "sam" else self.embed_dim
         if spec.family == "eva" and getattr(model, "rope_mixed", False):
             raise NotImplementedError(f"{spec.timm_name}: depth-dependent (mixed) RoPE is not supported")
@@ -206,6 +302,24 @@ class FoundationBackbone(nn.Module):
                 h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
             self._fingerprint = h.hexdigest()
         return self._fingerprint
+
+    def set_token_options(self, pos_embed_resample: str = "timm", final_norm: bool = True) -> "FoundationBackbone":
+        """Choose how tokens are embedded and read out (an MVFM architecture profile sets these).
+
+        Args:
+            pos_embed_resample: one of :data:`POS_EMBED_MODES`; ``dinov2_hub`` needs a timm ViT whose position
+                embedding excludes the prefix tokens (DINOv2), ``bilinear`` the SAM family.
+            final_norm: apply the final LayerNorm in :meth:`head` (ignored for SAM, whose neck always runs).
+        """
+        if pos_embed_resample not in POS_EMBED_MODES:
+            raise ValueError(f"pos_embed_resample must be one of {POS_EMBED_MODES}, got {pos_embed_resample!r}")
+        wants = {"dinov2_hub": "vit", "bilinear": "sam"}.get(pos_embed_resample)
+        if wants is not None and (self.family != wants or getattr(self.model, "pos_embed", None) is None
+                                  or (wants == "vit" and not getattr(self.model, "no_embed_class", False))):
+            raise ValueError(f"pos_embed_resample={pos_embed_resample!r} does not apply to backbone {self.spec.name!r}")
+        self.pos_embed_resample = pos_embed_resample
+        self.final_norm = bool(final_norm)
+        return self
 
     def train(self, mode: bool = True) -> "FoundationBackbone":
         # The backbone is frozen: keep it in eval mode so no dropout / drop-path ever applies.
@@ -237,7 +351,9 @@ class FoundationBackbone(nn.Module):
             from timm.layers import resample_abs_pos_embed_nhwc
 
             x = m.patch_embed(images)  # [N, h, w, C]
-            if m.pos_embed is not None:
+            if m.pos_embed is not None and self.pos_embed_resample == "bilinear":
+                x = x + _resample_bilinear_nhwc(m.pos_embed, x.shape[1:3])
+            elif m.pos_embed is not None:
                 x = x + resample_abs_pos_embed_nhwc(m.pos_embed, x.shape[1:3])
             x = m.norm_pre(m.patch_drop(m.pos_drop(x)))
             return x.flatten(1, 2), TokenContext(grid=grid)
@@ -245,9 +361,26 @@ class FoundationBackbone(nn.Module):
         if self.family == "eva":
             x, rope = m._pos_embed(x)
             return m.norm_pre(x), TokenContext(grid=grid, rope=rope)
-        x = m._pos_embed(x)
+        x = self._pos_embed_dinov2_hub(x) if self.pos_embed_resample == "dinov2_hub" else m._pos_embed(x)
         x = m.norm_pre(m.patch_drop(x))
         return x, TokenContext(grid=grid)
+
+    def _pos_embed_dinov2_hub(self, x: torch.Tensor) -> torch.Tensor:
+        """timm's ``_pos_embed`` for DINOv2 (``[N, h, w, C]`` patches -> ``[N, P + h*w, C]``) with the position grid
+        resampled as DINOv2's torch.hub code (the CLS position is already folded into ``cls_token``)."""
+        m = self.model
+        n, h, w, c = x.shape
+        pos = m.pos_embed  # [1, M*M, C], no prefix entries (no_embed_class)
+        side = int(round(pos.shape[1] ** 0.5))
+        if (h, w) != (side, side):
+            grid = pos.reshape(1, side, side, c).permute(0, 3, 1, 2).float()
+            # scale_factor (not size): the source coordinates use the +0.1 offset, as the hub code does
+            grid = F.interpolate(grid, scale_factor=((h + 0.1) / side, (w + 0.1) / side), mode="bicubic",
+                                 align_corners=False, recompute_scale_factor=False)
+            pos = grid.permute(0, 2, 3, 1).reshape(1, h * w, c).to(pos.dtype)
+        x = x.reshape(n, h * w, c) + pos
+        prefix = [t.expand(n, -1, -1) for t in (m.cls_token, m.reg_token) if t is not None]
+        return m.pos_drop(torch.cat(prefix + [x], dim=1) if prefix else x)
 
     def run_block(self, index: int, tokens: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
         """Apply transformer block ``index`` to ``[N, P + h*w, C]`` tokens."""
@@ -265,7 +398,7 @@ class FoundationBackbone(nn.Module):
         h, w = ctx.grid
         if self.family == "sam":
             return self.model.neck(tokens.view(n, h, w, c).permute(0, 3, 1, 2))
-        x = self.model.norm(tokens)[:, self.num_prefix_tokens:]
+        x = (self.model.norm(tokens) if self.final_norm else tokens)[:, self.num_prefix_tokens:]
         return x.transpose(1, 2).reshape(n, c, h, w)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -276,12 +409,84 @@ class FoundationBackbone(nn.Module):
         return self.head(tokens, ctx)
 
 
+def _resample_bilinear_nhwc(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:
+    """``[1, H0, W0, C]`` position grid -> ``[1, h, w, C]``, bilinear without antialiasing (the authors' SAM)."""
+    if tuple(pos.shape[1:3]) == tuple(grid):
+        return pos
+    out = F.interpolate(pos.permute(0, 3, 1, 2).float(), size=tuple(grid), mode="bilinear", align_corners=False)
+    return out.permute(0, 2, 3, 1).to(pos.dtype)
+
+
+def _mismatch_report(own: Mapping[str, torch.Tensor], given: Mapping[str, torch.Tensor], limit: int = 8) -> str:
+    """Missing / unexpected / wrong-shape keys of ``given`` against ``own``, with shapes (empty when they fit)."""
+    missing = sorted(set(own) - set(given))
+    unexpected = sorted(set(given) - set(own))
+    wrong = [k for k in own if k in given and tuple(given[k].shape) != tuple(own[k].shape)]
+    lines = []
+    for title, keys, fmt in (
+        ("missing", missing, lambda k: f"{k} {list(own[k].shape)}"),
+        ("unexpected", unexpected, lambda k: f"{k} {list(given[k].shape)}"),
+        ("wrong shape", wrong, lambda k: f"{k}: given {list(given[k].shape)}, expected {list(own[k].shape)}"),
+    ):
+        if keys:
+            shown = ", ".join(fmt(k) for k in keys[:limit]) + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
+            lines.append(f"{title}: {shown}")
+    return "\n  ".join(lines)
+
+
+def backbone_from_state_dict(
+    name: str,
+    state_dict: Mapping[str, torch.Tensor],
+    tiny: bool = False,
+    weights: str = "checkpoint",
+    timm_kwargs: Optional[Dict[str, object]] = None,
+) -> FoundationBackbone:
+    """Build a registered backbone from timm-named tensors (strictly: every key, every shape).
+
+    Two tensors may differ from a fresh timm model and replace its own: SAM's absolute position grid
+    ``pos_embed [1, H0, W0, C]`` (the authors' SAM stores the 32x32 grid it was resized to), and the RoPE
+    ``rope.periods`` of DINOv3 (timm recomputes them in float32; the released models carry bf16-rounded ones),
+    which then becomes a persistent buffer so it is saved with the backbone.
+
+    Args:
+        name: registry name.
+        state_dict: timm names (as ``FoundationBackbone.model.state_dict()``), float tensors.
+        tiny: the state dict is of the tiny test-size architecture.
+        weights: description stored in :attr:`FoundationBackbone.weights`.
+        timm_kwargs: extra timm constructor arguments (e.g. SAM's LayerNorm eps).
+
+    Raises:
+        CheckpointMismatchError: naming the missing, unexpected and wrong-shape keys.
+    """
+    spec = get_backbone_spec(name)
+    model = _create_timm_model(spec, tiny, pretrained=False, **(timm_kwargs or {}))
+    given = {k: v for k, v in state_dict.items()}
+    pos = given.get("pos_embed")
+    if spec.family == "sam" and pos is not None and pos.ndim == 4 and model.pos_embed is not None \
+            and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape != model.pos_embed.shape:
+        model.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=model.pos_embed.dtype))
+    rope = getattr(model, "rope", None)
+    if "rope.periods" in given and rope is not None and hasattr(rope, "periods"):
+        periods = rope.periods
+        rope.register_buffer("periods", torch.zeros_like(periods), persistent=True)
+    own = model.state_dict()
+    report = _mismatch_report(own, given)
+    if report:
+        raise CheckpointMismatchError(
+            f"backbone tensors ({weights}) do not fit backbone {name!r} ({spec.timm_name}"
+            f"{', tiny test size' if tiny else ''}):\n  {report}"
+        )
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in given.items()}, strict=True)
+    return FoundationBackbone(spec, model, weights, tiny=tiny)
+
+
 def create_backbone(name: str, weights: WeightsSource = "pretrained", tiny: bool = False) -> FoundationBackbone:
     """Build a registered backbone with the requested weights.
 
     Args:
         name: registry name (see :func:`mvfm_nerfstudio.list_backbones`).
-        weights: ``"pretrained"``, a local weights file, or ``"random"``.
+        weights: ``"pretrained"``, a local weights file, ``"fit3d"`` (the FiT3D fine-tuned backbone, for the
+            backbones in :data:`FIT3D_FILES`), or ``"random"``.
         tiny: build a 2-block, 64-wide instance of the same architecture (random weights
             only), for tests and CPU demos.
 
@@ -295,6 +500,10 @@ def create_backbone(name: str, weights: WeightsSource = "pretrained", tiny: bool
         model = _create_timm_model(spec, tiny, pretrained=False)
     elif isinstance(weights, str) and weights == "pretrained":
         model = _load_pretrained(spec, tiny)
+    elif isinstance(weights, str) and weights == "fit3d":
+        if tiny:
+            raise ValueError("tiny=True builds a test-size architecture that has no FiT3D weights; use weights='random'")
+        model = _load_from_file(spec, Path(_fit3d_file(spec)), tiny=False)
     elif isinstance(weights, (str, os.PathLike)):
         model = _load_from_file(spec, Path(weights).expanduser(), tiny)
     else:

@@ -31,6 +31,7 @@ __all__ = [
     "geometric_median",
     "mean_rotation",
     "normalize_cameras",
+    "normalize_cameras_first_view",
     "pixel_centers",
     "camera_rays",
     "plucker_ray_map",
@@ -210,7 +211,7 @@ def mean_rotation(rotations: torch.Tensor) -> torch.Tensor:
     return (u * fix.unsqueeze(-2)) @ vh
 
 
-ReferenceFrame = Literal["mean", "first"]
+ReferenceFrame = Literal["mean", "first", "authors"]
 
 
 def normalize_cameras(
@@ -233,13 +234,16 @@ def normalize_cameras(
 
     Args:
         cam_to_world: ``[..., S, 4, 4]`` OpenCV camera-to-world poses of one set of S views.
-        reference: which rotation defines the canonical axes.
+        reference: which rotation defines the canonical axes; ``"authors"`` delegates to
+            :func:`normalize_cameras_first_view` (the MVFM authors' recipe, not the robust one above).
         radius: target median distance of the camera centres from the origin.
 
     Returns:
         ``(normalized [..., S, 4, 4], scale [...])``: the poses in the canonical frame
         (same dtype as the input) and the scale factor applied to world units.
     """
+    if reference == "authors":
+        return normalize_cameras_first_view(cam_to_world, radius)
     c2w = cam_to_world.double()
     rot, centers = c2w[..., :3, :3], c2w[..., :3, 3]
     origin = geometric_median(centers)
@@ -259,6 +263,44 @@ def normalize_cameras(
     out = torch.zeros_like(c2w)
     out[..., :3, :3] = ref_inv @ rot
     out[..., :3, 3] = (ref_inv @ (offsets * scale[..., None, None]).unsqueeze(-1)).squeeze(-1)
+    out[..., 3, 3] = 1
+    return out.to(cam_to_world.dtype), scale.to(cam_to_world.dtype)
+
+
+def normalize_cameras_first_view(cam_to_world: torch.Tensor, radius: float = 2.0) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The MVFM authors' camera normalisation: view 0's frame, scaled so view 0 is ``radius`` from the centroid.
+
+    What their data loader computes before building Plücker rays (reproduced to run their checkpoints):
+
+    1. inliers: cameras whose centre is within ``10 x`` the 0.97-quantile of the distances to the
+       per-coordinate (lower) median centre, capped at 1e6;
+    2. ``s = radius / |c_0 - mean(inlier centres)|`` (``s = radius`` when that distance is below 1e-5);
+    3. every camera expressed in view 0's camera frame and scaled: ``R_i' = R_0^T R_i``,
+       ``t_i' = s R_0^T (c_i - c_0)`` (view 0 becomes the identity at the origin).
+
+    Unlike :func:`normalize_cameras` the result depends on which view is first and is not robust
+    to an outlier view 0.
+
+    Args:
+        cam_to_world: ``[..., S, 4, 4]`` OpenCV camera-to-world poses of one set of S views.
+        radius: distance of view 0 from the centroid after scaling (2 in the authors' code).
+
+    Returns:
+        ``(normalized [..., S, 4, 4], scale [...])`` as :func:`normalize_cameras`.
+    """
+    c2w = cam_to_world.double()
+    rot, centers = c2w[..., :3, :3], c2w[..., :3, 3]
+    dist = (centers - centers.median(dim=-2, keepdim=True).values).norm(dim=-1)  # [..., S]
+    limit = (torch.quantile(dist, 0.97, dim=-1, keepdim=True) * 10).clamp(max=1e6)
+    inlier = (dist <= limit).to(c2w.dtype)
+    centroid = (centers * inlier[..., None]).sum(-2) / inlier.sum(-1, keepdim=True)
+    first = (centers[..., 0, :] - centroid).norm(dim=-1)
+    scale = torch.where(first <= 1e-5, torch.full_like(first, radius), radius / first.clamp_min(1e-300))
+    ref_inv = rot[..., 0, :, :].transpose(-1, -2).unsqueeze(-3)
+    out = torch.zeros_like(c2w)
+    out[..., :3, :3] = ref_inv @ rot
+    offsets = (centers - centers[..., :1, :]) * scale[..., None, None]
+    out[..., :3, 3] = (ref_inv @ offsets.unsqueeze(-1)).squeeze(-1)
     out[..., 3, 3] = 1
     return out.to(cam_to_world.dtype), scale.to(cam_to_world.dtype)
 

@@ -57,16 +57,18 @@ class CrossViewAttention(nn.Module):
         grid: Tuple[int, int],
         neighbors: Optional[torch.Tensor] = None,
         kv_pool: int = 1,
+        num_registers: int = 0,
     ) -> torch.Tensor:
         """Attend across views.
 
         Args:
-            x: ``[B, S, T, D]`` tokens of S views, ``T = h*w`` patch tokens each.
+            x: ``[B, S, T, D]`` tokens of S views: ``num_registers`` register tokens, then ``h*w`` patch tokens.
             grid: ``(h, w)`` patch grid (used for pooling).
             neighbors: ``[B, S, K]`` views each view attends to besides itself; None = all
                 views jointly (the paper's global attention).
             kv_pool: average-pool the neighbour views' keys/values by this factor per grid
-                side (1 = full resolution). A view's own tokens are never pooled.
+                side (1 = full resolution). A view's own tokens are never pooled, nor are registers.
+            num_registers: leading tokens per view that are not on the patch grid.
 
         Returns:
             ``[B, S, T, D]``.
@@ -81,7 +83,7 @@ class CrossViewAttention(nn.Module):
         else:
             if neighbors is None:
                 neighbors = all_other_views(b, s, x.device)
-            out = self._neighbourhood(qkv, neighbors, grid, kv_pool, self.gather_budget_bytes)
+            out = self._neighbourhood(qkv, neighbors, grid, kv_pool, self.gather_budget_bytes, num_registers)
         return self.proj(out)
 
     @staticmethod
@@ -95,6 +97,7 @@ class CrossViewAttention(nn.Module):
     @staticmethod
     def _neighbourhood(
         qkv: torch.Tensor, neighbors: torch.Tensor, grid: Tuple[int, int], kv_pool: int, budget_bytes: int,
+        num_registers: int = 0,
     ) -> torch.Tensor:
         """Each view attends to its own tokens and its neighbours' (optionally pooled) tokens.
 
@@ -111,10 +114,14 @@ class CrossViewAttention(nn.Module):
         nbr = (neighbors.to(qkv.device) + base).reshape(b * s, kk)  # flat neighbour rows
         if kv_pool > 1:
             h, w = grid
-            pooled = kv.permute(0, 2, 3, 4, 1).reshape(b * s, 2 * nh * hd, h, w)
+            r = num_registers
+            pooled = kv[:, r:].permute(0, 2, 3, 4, 1).reshape(b * s, 2 * nh * hd, h, w)
             pooled = F.avg_pool2d(pooled, kv_pool, kv_pool, ceil_mode=True)
             tp = pooled.shape[-2] * pooled.shape[-1]
             other = pooled.view(b * s, 2, nh, hd, tp).permute(0, 4, 1, 2, 3)  # [B*S, Tp, 2, nh, hd] view
+            if r:  # registers are not on the grid: kept as they are, before the pooled patches
+                other = torch.cat([kv[:, :r], other], dim=1)
+                tp += r
             rows = nbr
         else:
             other, tp = kv, t

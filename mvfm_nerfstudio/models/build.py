@@ -19,11 +19,11 @@ import torch
 from ..backbones.registry import DEFAULT_BACKBONE
 from ..backbones.vit import WeightsSource, create_backbone
 from ..utils.runtime import DeviceLike, resolve_device
-from .checkpoint import read_adapter_metadata
 from .config import RUNTIME_FIELDS, MVFMConfig
 from .mvfm import MultiViewFoundationModel
+from .published import is_published_source, load_published, source_metadata
 
-__all__ = ["ModelSpec", "build_model", "create_mvfm", "spec_from_checkpoint"]
+__all__ = ["ModelSpec", "build_model", "create_mvfm", "spec_from_checkpoint", "model_input_size"]
 
 
 @dataclass
@@ -43,8 +43,11 @@ class ModelSpec:
     tiny: bool = False
     """Tiny test-size backbone of the same family (2 blocks, width 64); needs weights='random'. Tests and smoke runs."""
     adapters: Optional[str] = None
-    """MV-Adapter checkpoint to load (.safetensors from mvfm-train, which starts from it when given). None =
-    untrained adapters, which reproduce the base model exactly (no multi-view consistency is added)."""
+    """MV-Adapter checkpoint to load: a .safetensors from mvfm-train (which starts from it when given), or a
+    published model with its own fine-tuned backbone: a Hugging Face id such as Leoseg/dinov2_reg (cached or
+    downloaded), a folder with args.yaml + checkpoints/best.pth, the .pth, or its mvfm-convert .safetensors
+    (backbone, weights and architecture then come from the checkpoint; see `mvfm-info`). None = untrained
+    adapters, which reproduce the base model exactly (no multi-view consistency is added)."""
     model_seed: int = 0
     """Torch seed set before building the model: fixes random backbone weights and the adapters' initialisation."""
     device: str = "auto"
@@ -79,7 +82,10 @@ def create_mvfm(
             a local weights file, or ``"random"`` (tests and demos only).
         tiny: tiny random test-size backbone of the same family (``weights="random"`` only).
         adapters: optional adapter checkpoint (``.safetensors``) to load; its stored
-            config is used, and any ``config`` given must agree with it.
+            config is used, and any ``config`` given must agree with it. A published model (hub id such as
+            ``"Leoseg/dinov2_reg"``, a folder or ``.pth`` in the authors' layout, or an ``mvfm-convert`` file)
+            brings its own backbone: ``backbone``/``weights`` must then be left at their defaults or agree
+            (:func:`~mvfm_nerfstudio.models.published.load_published`).
         **config: fields of :class:`~mvfm_nerfstudio.models.config.MVFMConfig` (e.g. ``attention="knn"``,
             ``use_rays=False``).
 
@@ -87,8 +93,10 @@ def create_mvfm(
         >>> model = create_mvfm("dinov2_vits14_reg", weights="random", tiny=True)
         >>> feats = model(images, intrinsics, cam_to_world)   # [B, S, F, h, w]
     """
+    if is_published_source(adapters):
+        return load_published(adapters, backbone=backbone, weights=weights, tiny=tiny, **config)
     if adapters is not None:
-        stored = MVFMConfig.from_dict(json.loads(read_adapter_metadata(adapters)["config"]))
+        stored = MVFMConfig.from_dict(json.loads(source_metadata(adapters)["config"]))
         given = MVFMConfig.from_dict(config)
         mismatched = {
             k: (getattr(given, k), getattr(stored, k))
@@ -134,7 +142,7 @@ def spec_from_checkpoint(adapters: Optional[Union[str, Path]], **overrides) -> M
     """
     spec = ModelSpec()
     if adapters is not None:
-        meta = read_adapter_metadata(adapters)
+        meta = source_metadata(adapters)
         train = json.loads(meta.get("train_config", "{}"))
         spec = spec.replace(
             backbone=meta.get("backbone"),
@@ -144,3 +152,12 @@ def spec_from_checkpoint(adapters: Optional[Union[str, Path]], **overrides) -> M
             adapters=str(adapters),
         )
     return spec.replace(**overrides)
+
+
+def model_input_size(spec: ModelSpec) -> Optional[tuple]:
+    """The fixed ``(H, W)`` input the spec's model expects (an architecture profile's square resize, e.g. the
+    published models' 518 x 518), or None when any size (a multiple of the patch) is fine."""
+    if spec.adapters is None:
+        return None
+    size = MVFMConfig.from_dict(json.loads(source_metadata(spec.adapters)["config"])).input_size
+    return None if size is None else tuple(size)

@@ -12,7 +12,15 @@ type is not imported here):
 ``config``          :class:`~mvfm_nerfstudio.models.config.MVFMConfig` as JSON
 ``backbone_weights`` where the backbone weights came from
 ``backbone_fingerprint`` hash of the backbone weights (warns on mismatch)
+``includes_backbone`` ``"1"`` when the file also holds the backbone (version 2, below)
 ==================  =====================================================
+
+A model whose backbone belongs to its checkpoint (a converted published model,
+:attr:`~mvfm_nerfstudio.models.mvfm.MultiViewFoundationModel.published`) is saved self-contained
+(``format_version`` 2): besides the adapters, ``backbone.*`` (the backbone state dict, LoRA merged),
+``lora.<parameter>.A`` / ``.B`` (the merged LoRA factors, so the base model can be recovered),
+``extra.*`` (kept tensors such as SAM's mask decoder) and the metadata ``published_variant``,
+``published_source``, ``lora_scale``. :func:`~mvfm_nerfstudio.models.published.load_published` reads them.
 """
 
 from __future__ import annotations
@@ -31,10 +39,13 @@ from ..errors import CheckpointMismatchError
 from ..utils.io import atomic_write
 from .config import RUNTIME_FIELDS, MVFMConfig
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "save_adapters", "load_adapters", "read_adapter_metadata", "backbone_fingerprint"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "SELF_CONTAINED_PREFIXES", "save_adapters", "load_adapters",
+           "read_adapter_metadata", "backbone_fingerprint"]
 
 FORMAT = "mvfm-adapters"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+"""Newest version written: 1 = adapters only, 2 = self-contained (adapters + backbone + LoRA factors)."""
+SELF_CONTAINED_PREFIXES = ("backbone.", "lora.", "extra.")
 
 
 def backbone_fingerprint(model: nn.Module) -> str:
@@ -49,9 +60,10 @@ def save_adapters(model: nn.Module, path, metadata: Optional[Dict[str, str]] = N
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"adapter checkpoints are .safetensors files, got {str(path)!r}")
+    published = dict(getattr(model, "published", {}) or {})
     meta = {
         "format": FORMAT,
-        "format_version": str(FORMAT_VERSION),
+        "format_version": "2" if published else "1",
         "backbone": model.backbone.spec.name,
         "tiny": "1" if model.backbone.tiny else "0",
         "config": model.config.to_json(),
@@ -64,6 +76,13 @@ def save_adapters(model: nn.Module, path, metadata: Optional[Dict[str, str]] = N
             raise ValueError(f"metadata key {k!r} is reserved")
         meta[k] = str(v)
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.adapter_state_dict().items()}
+    if published:  # the backbone belongs to this checkpoint: save it too
+        meta.update({"includes_backbone": "1", "lora_scale": repr(float(model.backbone_lora_scale))})
+        meta.update({k: str(v) for k, v in published.items()})
+        tensors.update({f"backbone.{k}": v.detach().cpu().contiguous() for k, v in model.backbone.state_dict().items()})
+        for name, (a, b) in model.backbone_lora.items():
+            tensors[f"lora.{name}.A"], tensors[f"lora.{name}.B"] = a.cpu().contiguous(), b.cpu().contiguous()
+        tensors.update({f"extra.{k}": v.detach().cpu().contiguous() for k, v in model.extra_tensors.items()})
     atomic_write(path, save(tensors, metadata=meta))
 
 
@@ -115,6 +134,8 @@ def load_adapters(model: nn.Module, path) -> Dict[str, str]:
     if problems:
         raise CheckpointMismatchError(f"adapter checkpoint {str(path)!r} does not fit this model:\n  " + "\n  ".join(problems))
     tensors = load_file(str(path))
+    if meta.get("includes_backbone") == "1":  # self-contained: the backbone was built from this file
+        tensors = {k: v for k, v in tensors.items() if not k.startswith(SELF_CONTAINED_PREFIXES)}
     own = model.adapter_state_dict()
     missing, unexpected = sorted(set(own) - set(tensors)), sorted(set(tensors) - set(own))
     wrong = [k for k in own if k in tensors and tensors[k].shape != own[k].shape]

@@ -11,6 +11,10 @@ so the output does not depend on which view comes first: permuting the input vie
 permutes the output features and nothing else. ``reference_frame="first"`` uses view
 0's axes as the paper does. Either way the output is invariant to any global rigid
 motion and scaling of all cameras.
+
+The MVFM authors' released models run on the same class with the architecture profile
+:meth:`~mvfm_nerfstudio.models.config.MVFMConfig.authors` (:class:`AuthorsAdapter`, their camera frame,
+their token conventions); their LoRA is merged into the backbone (:attr:`MultiViewFoundationModel.backbone_lora`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from ..backbones.vit import FoundationBackbone
 from ..geometry.cameras import (
@@ -33,8 +38,9 @@ from ..geometry.cameras import (
 from .attention import CrossViewAttention
 from .checkpoint import load_adapters, save_adapters
 from .config import MVFMConfig
+from .lora import LoRAFactors, unmerged_weights
 
-__all__ = ["MVAdapter", "MultiViewFoundationModel"]
+__all__ = ["AuthorsAdapter", "MVAdapter", "MultiViewFoundationModel"]
 class MVAdapter(nn.Module):
     """One MV-Adapter: cross-view attention + MLP, added residually through a zero-initialised projection.
 
@@ -58,7 +64,8 @@ class MVAdapter(nn.Module):
         self.attn = CrossViewAttention(adapter_dim, num_heads)
         self.norm_mlp = nn.LayerNorm(adapter_dim)
         hidden = int(adapter_dim * mlp_ratio)
-        self.mlp = nn.Sequential(nn.Linear(adapter_dim, hidden), nn.GELU(), nn.Linear(hidden, adapter_dim))
+        self.mlp = nn.Sequential(nn.Linear(adapter_dim, hidden), nn.GELU(), nn.Linear(hidden, adapter_dim)) \
+            if hidden > 0 else None
         self.out_proj = nn.Linear(adapter_dim, dim)
         nn.init.zeros_(self.out_proj.weight)
         nn.init.zeros_(self.out_proj.bias)
@@ -83,8 +90,81 @@ class MVAdapter(nn.Module):
             h = torch.cat([h, extra.to(h.dtype)], dim=-1)
         h = self.in_proj(h)
         h = h + self.attn(self.norm_attn(h), grid, neighbors, kv_pool)
-        h = h + self.mlp(self.norm_mlp(h))
+        if self.mlp is not None:
+            h = h + self.mlp(self.norm_mlp(h))
         return self.out_proj(h)
+
+
+class AuthorsAdapter(nn.Module):
+    """The MV-Adapter of the MVFM authors' released models (``adapter_type="authors"``).
+
+    ``delta = out_proj(up(mlp(attn(down(LN([x, extra])))))``, with no inner residual (their
+    ``fix_res_bug=True``): LayerNorm (eps 1e-5) over the input and, at the first adapter, the concatenated ray
+    embedding (register tokens get zeros there); cross-view attention at that width (``num_heads`` heads);
+    an optional GELU MLP; the zero-initialised per-token projection back to the backbone width (their
+    ``zero_conv``, a 1x1 Conv1d). With ``pool > 1`` the patch grid is max-pooled before the attention and
+    upsampled bilinearly (``align_corners=True``) before the projection (their ``spatial_reduction``).
+
+    Args:
+        dim: backbone token width C.
+        num_heads: attention heads (the width ``C + extra_dim`` must be divisible by it).
+        mlp_ratio: MLP hidden width relative to the input width; 0 = no MLP.
+        extra_dim: ray-embedding channels concatenated at this adapter (0 for none).
+        pool: max-pooling factor of the patch grid (1 = none).
+        num_registers: leading register tokens in the adapted tokens (they attend and are corrected, never pooled).
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, extra_dim: int = 0, pool: int = 1,
+                 num_registers: int = 0):
+        super().__init__()
+        width = dim + extra_dim
+        self.extra_dim, self.pool, self.num_registers = extra_dim, pool, num_registers
+        self.norm = nn.LayerNorm(width)
+        self.attn = CrossViewAttention(width, num_heads)
+        hidden = int(width * mlp_ratio)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)) if hidden > 0 else None
+        self.out_proj = nn.Linear(width, dim)
+        nn.init.zeros_(self.out_proj.weight)
+        nn.init.zeros_(self.out_proj.bias)
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``x [B, S, R + T, C]`` -> ``[B, S, R + T, C]``; arguments as :meth:`residual`."""
+        return x + self.residual(x, *args, **kwargs)
+
+    def residual(
+        self,
+        x: torch.Tensor,
+        grid: Tuple[int, int],
+        extra: Optional[torch.Tensor] = None,
+        neighbors: Optional[torch.Tensor] = None,
+        kv_pool: int = 1,
+    ) -> torch.Tensor:
+        """The correction of ``x [B, S, R + T, C]`` (R registers, then the ``T = h*w`` patch tokens); ``extra``
+        ``[B, S, T, E]`` is the ray embedding (first adapter only); ``neighbors``/``kv_pool`` select the attention."""
+        b, s, n, _ = x.shape
+        r, (h, w) = self.num_registers, grid
+        if extra is not None:
+            extra = extra.to(x.dtype)
+            if r:
+                extra = torch.cat([extra.new_zeros(b, s, r, extra.shape[-1]), extra], dim=2)
+            x = torch.cat([x, extra], dim=-1)
+        y = self.norm(x)
+        attn_grid = grid
+        if self.pool > 1:
+            patches = y[:, :, r:].reshape(b * s, h, w, -1).permute(0, 3, 1, 2)
+            patches = F.max_pool2d(patches, self.pool)
+            attn_grid = (patches.shape[-2], patches.shape[-1])
+            patches = patches.flatten(2).transpose(1, 2).reshape(b, s, attn_grid[0] * attn_grid[1], -1)
+            y = torch.cat([y[:, :, :r], patches], dim=2) if r else patches
+        y = self.attn(y, attn_grid, neighbors, kv_pool, num_registers=r)
+        if self.mlp is not None:
+            y = self.mlp(y)
+        if self.pool > 1:
+            patches = y[:, :, r:].reshape(b * s, *attn_grid, -1).permute(0, 3, 1, 2)
+            patches = F.interpolate(patches, size=(h, w), mode="bilinear", align_corners=True)
+            patches = patches.flatten(2).transpose(1, 2).reshape(b, s, h * w, -1)
+            y = torch.cat([y[:, :, :r], patches], dim=2) if r else patches
+        return self.out_proj(y)
 
 
 class MultiViewFoundationModel(nn.Module):
@@ -114,10 +194,22 @@ class MultiViewFoundationModel(nn.Module):
         adapter_dim = config.adapter_dim or max(config.num_heads, dim // 2)
         extra = config.ray_embed_dim if config.use_rays else 0
         n_modules = min(2, len(adapted)) if config.share_adapters else len(adapted)
-        self.adapters = nn.ModuleList(
-            MVAdapter(dim, adapter_dim, config.num_heads, config.mlp_ratio, extra_dim=extra if i == 0 else 0)
-            for i in range(n_modules)
-        )
+        registers = backbone.num_register_tokens if config.adapt_registers else 0
+        # first token the adapters see: the patch tokens, or the registers before them
+        self.adapted_from = backbone.num_prefix_tokens - registers
+        if config.adapter_type == "authors":
+            self.adapters = nn.ModuleList(
+                AuthorsAdapter(dim, config.num_heads, config.mlp_ratio, extra_dim=extra if i == 0 else 0,
+                               pool=config.adapter_pool, num_registers=registers)
+                for i in range(n_modules)
+            )
+        else:
+            if registers:
+                raise ValueError("adapt_registers=True needs adapter_type='authors'")
+            self.adapters = nn.ModuleList(
+                MVAdapter(dim, adapter_dim, config.num_heads, config.mlp_ratio, extra_dim=extra if i == 0 else 0)
+                for i in range(n_modules)
+            )
         # adapter_of_block[b] = index into self.adapters, or -1 for a block without adapter
         table = [-1] * depth
         for rank, b in enumerate(adapted):
@@ -129,6 +221,18 @@ class MultiViewFoundationModel(nn.Module):
             self.ray_embed = nn.Conv2d(6, config.ray_embed_dim, kernel_size=p, stride=p)
         else:
             self.ray_embed = None
+        backbone.set_token_options(config.pos_embed_resample, config.final_norm)
+        self.backbone_lora: LoRAFactors = {}
+        """LoRA factors merged into the backbone (published checkpoints), by backbone parameter name; forward_base
+        takes them out again (the base model is the backbone before fine-tuning)."""
+        self.backbone_lora_scale: float = 1.0
+        self.published: Dict[str, str] = {}
+        """Where a published checkpoint came from (variant, source); set when the backbone belongs to the
+        checkpoint, which then saves its backbone too (:func:`~mvfm_nerfstudio.models.checkpoint.save_adapters`)."""
+        self.extra_tensors: Dict[str, torch.Tensor] = {}
+        """Tensors of a published checkpoint the MVFM does not run but keeps (SAM's prompt encoder and mask
+        decoder, in SAM's names)."""
+        self._base_weights: Optional[Tuple[torch.device, Dict[str, torch.Tensor]]] = None
 
     # ------------------------------------------------------------------ info
     @property
@@ -187,6 +291,8 @@ class MultiViewFoundationModel(nn.Module):
         """Patchified Plücker embedding ``[B, S, T, ray_embed_dim]`` of cameras already in the canonical frame
         (cameras on any device; the ray maps are built on the embedding's device)."""
         b, s = intrinsics.shape[:2]
+        if self.config.shared_intrinsics:  # the authors' code: view 0's intrinsics for every view
+            intrinsics = intrinsics[:, :1].expand(b, s, 3, 3)
         rays = plucker_ray_map(intrinsics, normalized_c2w, height, width, device=self.ray_embed.weight.device)
         emb = self.ray_embed(rays.to(self.ray_embed.weight.dtype))  # [B*S, E, h, w]
         return emb.flatten(2).transpose(1, 2).reshape(b, s, -1, emb.shape[1])
@@ -204,7 +310,8 @@ class MultiViewFoundationModel(nn.Module):
         bb = self.backbone
         tokens, ctx = bb.embed(bb.normalize(images.flatten(0, 1)))
         t = ctx.grid[0] * ctx.grid[1]
-        prefix = bb.num_prefix_tokens
+        start = self.adapted_from  # prefix tokens before it (CLS, unadapted registers) are left alone
+        t += bb.num_prefix_tokens - start
         normalized = None
         if cam_to_world is not None:
             normalized, _ = normalize_cameras(cam_to_world, self.config.reference_frame)  # CPU, float64
@@ -221,12 +328,12 @@ class MultiViewFoundationModel(nn.Module):
             a = self.adapter_of_block[i]
             if a < 0:
                 continue
-            patch = tokens[:, prefix:].view(b, s, t, -1)  # a view of the patch tokens (in-place add below)
+            patch = tokens[:, start:].view(b, s, t, -1)  # a view of the adapted tokens (in-place add below)
             extra = rays if i == self.first_adapted_block else None
             delta = self.adapters[a].residual(patch, ctx.grid, extra, neighbors, kv_pool)
             if torch.is_grad_enabled() and (tokens.requires_grad or delta.requires_grad):
                 patch = (patch + delta).reshape(b * s, t, -1)
-                tokens = torch.cat([tokens[:, :prefix], patch], dim=1) if prefix else patch
+                tokens = torch.cat([tokens[:, :start], patch], dim=1) if start else patch
             else:  # inference: add the correction in place, no copy of the token tensor
                 patch.add_(delta)
         feats = bb.head(tokens, ctx)
@@ -238,8 +345,19 @@ class MultiViewFoundationModel(nn.Module):
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"images must be a [B, S, 3, H, W] tensor, got {shape}")
         b, s = images.shape[:2]
-        feats = self.backbone(images.flatten(0, 1))
+        if self.backbone_lora:  # the backbone before its LoRA fine-tuning
+            feats = torch.func.functional_call(self.backbone, self._unmerged_weights(), (images.flatten(0, 1),))
+        else:
+            feats = self.backbone(images.flatten(0, 1))
         return feats.view(b, s, *feats.shape[1:])
+
+    def _unmerged_weights(self) -> Dict[str, torch.Tensor]:
+        """The LoRA-targeted backbone parameters without their delta (computed once per device)."""
+        device = next(self.backbone.parameters()).device
+        if self._base_weights is None or self._base_weights[0] != device:
+            weights = unmerged_weights(self.backbone, self.backbone_lora, self.backbone_lora_scale)
+            self._base_weights = (device, weights)
+        return self._base_weights[1]
 
     # ------------------------------------------------------------------ checkpoints
     def save_adapters(self, path, metadata: Optional[Dict[str, str]] = None) -> None:

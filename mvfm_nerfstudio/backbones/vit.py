@@ -459,16 +459,17 @@ def backbone_from_state_dict(
         CheckpointMismatchError: naming the missing, unexpected and wrong-shape keys.
     """
     spec = get_backbone_spec(name)
-    model = _create_timm_model(spec, tiny, pretrained=False, **(timm_kwargs or {}))
+    # Built on the meta device (no random initialisation: every tensor is given), then materialised.
+    with torch.device("meta"):
+        model = _create_timm_model(spec, tiny, pretrained=False, **(timm_kwargs or {}))
     given = {k: v for k, v in state_dict.items()}
     pos = given.get("pos_embed")
     if spec.family == "sam" and pos is not None and pos.ndim == 4 and model.pos_embed is not None \
             and pos.shape[-1] == model.pos_embed.shape[-1] and pos.shape != model.pos_embed.shape:
-        model.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=model.pos_embed.dtype))
+        model.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=model.pos_embed.dtype, device="meta"))
     rope = getattr(model, "rope", None)
     if "rope.periods" in given and rope is not None and hasattr(rope, "periods"):
-        periods = rope.periods
-        rope.register_buffer("periods", torch.zeros_like(periods), persistent=True)
+        rope.register_buffer("periods", torch.zeros_like(rope.periods), persistent=True)
     own = model.state_dict()
     report = _mismatch_report(own, given)
     if report:
@@ -476,6 +477,18 @@ def backbone_from_state_dict(
             f"backbone tensors ({weights}) do not fit backbone {name!r} ({spec.timm_name}"
             f"{', tiny test size' if tiny else ''}):\n  {report}"
         )
+    transient = [n for n, _ in model.named_buffers() if n not in own]  # buffers the state dict does not carry
+    if all(n.endswith(".k_bias") for n in transient):  # DINOv3's fixed zero k bias: the only kind known here
+        model = model.to_empty(device="cpu")
+        with torch.no_grad():
+            for n in transient:
+                model.get_buffer(n).zero_()
+    else:  # unknown derived buffers: let timm initialise them for real
+        model = _create_timm_model(spec, tiny, pretrained=False, **(timm_kwargs or {}))
+        if pos is not None and spec.family == "sam" and pos.shape != model.pos_embed.shape:
+            model.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=model.pos_embed.dtype))
+        if "rope.periods" in given and getattr(model, "rope", None) is not None:
+            model.rope.register_buffer("periods", torch.zeros_like(model.rope.periods), persistent=True)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in given.items()}, strict=True)
     return FoundationBackbone(spec, model, weights, tiny=tiny)
 

@@ -30,6 +30,7 @@ the offending ones.
 
 from __future__ import annotations
 
+import functools
 import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -259,7 +260,9 @@ def _fmt(keys: List[str], describe: Callable[[str], str], limit: int = 8) -> str
     return shown + (f", ... ({len(keys)} in all)" if len(keys) > limit else "")
 
 
+@functools.lru_cache(maxsize=16)
 def _expected_backbone(name: str, tiny: bool, variant: str) -> StateDict:
+    """timm state-dict layout (meta tensors: shapes only) of a backbone, as the authors' variant builds it."""
     from ..backbones.vit import _create_timm_model
 
     spec = get_backbone_spec(name)

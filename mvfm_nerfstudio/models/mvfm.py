@@ -98,7 +98,7 @@ class MVAdapter(nn.Module):
 class AuthorsAdapter(nn.Module):
     """The MV-Adapter of the MVFM authors' released models (``adapter_type="authors"``).
 
-    ``delta = out_proj(up(mlp(attn(down(LN([x, extra])))))``, with no inner residual (their
+    ``delta = out_proj(up(mlp(attn(LN(down([x, extra]))))))``, with no inner residual (their
     ``fix_res_bug=True``): LayerNorm (eps 1e-5) over the input and, at the first adapter, the concatenated ray
     embedding (register tokens get zeros there); cross-view attention at that width (``num_heads`` heads);
     an optional GELU MLP; the zero-initialised per-token projection back to the backbone width (their
@@ -148,15 +148,14 @@ class AuthorsAdapter(nn.Module):
             if r:
                 extra = torch.cat([extra.new_zeros(b, s, r, extra.shape[-1]), extra], dim=2)
             x = torch.cat([x, extra], dim=-1)
-        y = self.norm(x)
         attn_grid = grid
-        if self.pool > 1:
-            patches = y[:, :, r:].reshape(b * s, h, w, -1).permute(0, 3, 1, 2)
+        if self.pool > 1:  # pooled before the norm, as theirs
+            patches = x[:, :, r:].reshape(b * s, h, w, -1).permute(0, 3, 1, 2)
             patches = F.max_pool2d(patches, self.pool)
             attn_grid = (patches.shape[-2], patches.shape[-1])
             patches = patches.flatten(2).transpose(1, 2).reshape(b, s, attn_grid[0] * attn_grid[1], -1)
-            y = torch.cat([y[:, :, :r], patches], dim=2) if r else patches
-        y = self.attn(y, attn_grid, neighbors, kv_pool, num_registers=r)
+            x = torch.cat([x[:, :, :r], patches], dim=2) if r else patches
+        y = self.attn(self.norm(x), attn_grid, neighbors, kv_pool, num_registers=r)
         if self.mlp is not None:
             y = self.mlp(y)
         if self.pool > 1:

@@ -117,7 +117,7 @@ class SceneData:
 
 def prepare_scene(
     scene: SceneLike, long_side: int, patch_size: int, holdout_every: int = 8,
-    heldout_views: Optional[Sequence[int]] = None,
+    heldout_views: Optional[Sequence[int]] = None, size: Optional[Tuple[int, int]] = None,
 ) -> SceneData:
     """Load every view of ``scene`` at ~``long_side`` px and split it into train / held-out views.
 
@@ -127,12 +127,18 @@ def prepare_scene(
         patch_size: the backbone's patch size.
         holdout_every: every k-th view is held out (:func:`mvfm_nerfstudio.data.split_views`); 0 = none.
         heldout_views: explicit held-out view indices (overrides ``holdout_every``).
+        size: explicit ``(H, W)`` every view is resized to, aspect ratio not kept (e.g. a profile's square
+            input); overrides ``long_side``. Multiples of ``patch_size``.
     """
     if not isinstance(scene, PosedScene):
         scene = load_scene(scene)
     sizes = [tuple(int(v) for v in s) for s in scene.image_sizes.tolist()]
     common = max(set(sizes), key=sizes.count)
-    size = input_size_for(common, long_side, patch_size)
+    if size is None:
+        size = input_size_for(common, long_side, patch_size)
+    elif size[0] % patch_size or size[1] % patch_size:
+        raise ValueError(f"image size {tuple(size)} is not a multiple of the patch size {patch_size}")
+    size = (int(size[0]), int(size[1]))
     if heldout_views is not None:
         held = sorted({int(i) for i in heldout_views})
         train = [i for i in range(len(scene)) if i not in held]

@@ -8,12 +8,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Literal, Optional, Tuple
 
+from ..backbones.vit import create_backbone
 from ..data.scene_data import build_view_sets, heldout_view_sets, prepare_scene, usable_heldout_views
 from ..models.build import build_model, spec_from_checkpoint
-from ..models.checkpoint import read_adapter_metadata
 from ..models.config import MVFMConfig
+from ..models.published import source_metadata
 from ..utils.io import atomic_write
 from ..utils.runtime import torch_threads
+from .compare import COMPARE_LABELS, write_comparison
 from .evaluate import DEFAULT_PCK_THRESHOLDS, evaluate_sets
 from .plots import plot_matches, plot_viewpoint_curve
 
@@ -32,7 +34,9 @@ class EvalConfig:
     scenes: Tuple[Path, ...] = ()
     """Scene folders to evaluate (transforms.json and/or COLMAP model with tracks, or depth)."""
     adapters: Optional[Path] = None
-    """MVFM adapter checkpoint (.safetensors, e.g. from mvfm-train). None = untrained adapters (= base)."""
+    """MVFM adapter checkpoint (.safetensors, e.g. from mvfm-train), or a published model: Hugging Face id
+    (Leoseg/dinov2_reg, ...), folder with args.yaml + checkpoints/best.pth, the .pth, or its mvfm-convert file
+    (evaluated at its profile's square input size). None = untrained adapters (= base)."""
     output_dir: Path = Path("outputs/mvfm-eval")
     """Where metrics.json, viewpoint_curve.png and matches_<scene>.png go."""
     backbone: Optional[str] = None
@@ -69,13 +73,19 @@ class EvalConfig:
     """Torch CPU threads while evaluating (0 = leave torch's setting)."""
     plots: bool = True
     """Write the PNG figures."""
+    compare: bool = False
+    """The paper's comparison: also evaluate FiT3D (--fit3d-weights) on the same view sets and write
+    compare.json, compare.md (Loc. Err., Base Sim., PCK per model; viewpoint table) and compare.png."""
+    fit3d_weights: str = "fit3d"
+    """FiT3D backbone for --compare: 'fit3d' (yuanwenyue/FiT3D's *_finetuned.pth of this backbone, from the
+    Hugging Face cache or the hub) or a local weights file (.pth / .safetensors timm state dict)."""
     progress: bool = True
     """Show progress bars."""
 
 
 def _training_defaults(path: Optional[Path]) -> Dict[str, Optional[int]]:
     """Image size and held-out split an ``mvfm-train`` checkpoint was trained with (None where not stored)."""
-    meta = read_adapter_metadata(path) if path is not None else {}
+    meta = source_metadata(path) if path is not None else {}
     return {key: int(meta[key]) if key in meta else None for key in ("image_size", "holdout_every")}
 
 
@@ -101,7 +111,10 @@ def model_from_checkpoint(config: EvalConfig):
     }
     mvfm = MVFMConfig()
     if config.adapters is not None:
-        mvfm = MVFMConfig.from_dict(json.loads(read_adapter_metadata(config.adapters)["config"]))
+        mvfm = MVFMConfig.from_dict(json.loads(source_metadata(config.adapters)["config"]))
+    if mvfm.input_size is not None and config.image_size is None:
+        resolved["image_size"] = max(mvfm.input_size)
+    resolved["input_size"] = None if mvfm.input_size is None else list(mvfm.input_size)
     return build_model(spec, **mvfm.to_dict()), resolved
 
 
@@ -115,12 +128,23 @@ def run_evaluation(config: EvalConfig) -> Dict[str, object]:
 
 def _run(config: EvalConfig) -> Dict[str, object]:
     model, resolved = model_from_checkpoint(config)
+    others = {}
+    if config.compare:
+        # FiT3D: the same architecture with FiT3D's weights, read out as the authors do (timm's own conventions)
+        fit3d = create_backbone(str(resolved["backbone"]), config.fit3d_weights, tiny=bool(resolved["tiny"]))
+        fit3d = fit3d.to(next(model.parameters()).device)
+        others["fit3d"] = fit3d
+        resolved["fit3d_weights"] = fit3d.weights
+    # a profile's square input (the published models) unless --image-size asks for the aspect-kept one
+    fixed = tuple(resolved["input_size"]) if resolved.get("input_size") and config.image_size is None else None
     out_dir = Path(config.output_dir)
     results: Dict[str, Dict] = {}
+    compared = {}
     curves = {}
     t0 = time.perf_counter()
     for i, scene in enumerate(config.scenes):
-        data = prepare_scene(scene, int(resolved["image_size"]), model.patch_size, int(resolved["holdout_every"]))
+        data = prepare_scene(scene, int(resolved["image_size"]), model.patch_size, int(resolved["holdout_every"]),
+                             size=fixed)
         views = min(config.num_views, len(data.scene))
         seed = config.seed + 7919 * i
         extra: Dict[str, object] = {}
@@ -131,7 +155,8 @@ def _run(config: EvalConfig) -> Dict[str, object]:
         else:
             sets = build_view_sets(data, views, config.num_sets, config.min_shared, seed,
                                    max_per_pair=config.max_per_pair)
-        res = evaluate_sets(model, data, sets, include_base=True, progress=config.progress)
+        res = evaluate_sets(model, data, sets, include_base=True, progress=config.progress, others=others)
+        compared[data.name] = res
         summary = {**res.summary(config.pck_thresholds, config.angle_bin_deg), **extra}
         results[data.name] = summary
         curves[data.name] = summary["viewpoint_curve"]
@@ -151,4 +176,10 @@ def _run(config: EvalConfig) -> Dict[str, object]:
     }
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write(out_dir / "metrics.json", json.dumps(payload, indent=2).encode())
+    if config.compare:
+        title = f"{resolved['backbone']}: base vs FiT3D vs MVFM ({config.split} sets of {config.num_views} views)"
+        payload["compare"] = write_comparison(
+            compared, out_dir, config.pck_thresholds, config.angle_bin_deg, COMPARE_LABELS, title,
+            {"adapters": payload["adapters"], "resolved": resolved, "split": config.split,
+             "num_views": config.num_views}, plots=config.plots)
     return payload

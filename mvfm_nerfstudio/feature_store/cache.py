@@ -11,6 +11,7 @@ An entry is a folder ``<cache_dir>/<scene>-<key>/`` holding
 The key hashes everything the features depend on (:func:`key_ingredients`): image file bytes,
 image sizes, cameras, backbone, weights (file contents for weight/adapter files), seed and every
 option that changes the features. Changing any of them makes a new entry; old ones stay on disk.
+A published model (``adapters="Leoseg/dinov2_reg"``, a folder, a ``.pth``) is keyed by its files' bytes.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ from typing import Dict, Optional, Tuple
 import numpy as np
 
 from ..backbones.registry import get_backbone_spec
-from ..backbones.vit import cached_pretrained_file
+from ..backbones.vit import cached_fit3d_file, cached_pretrained_file
 from ..features import PCABasis
+from ..models.published import is_published_source, source_key
 from ..utils.io import atomic_write
 from .config import FeatureStoreConfig, ViewSource, default_cache_dir
 
@@ -58,7 +60,20 @@ def _weights_key(backbone: str, weights: str) -> str:
         spec = get_backbone_spec(backbone)
         cached = cached_pretrained_file(spec)
         return f"pretrained:{spec.timm_pretrained_name}:" + (hash_file(Path(cached)) if cached else "not-cached")
+    if weights == "fit3d":
+        cached = cached_fit3d_file(get_backbone_spec(backbone))
+        return "fit3d:" + (hash_file(Path(cached)) if cached else "not-cached")
     return "file:" + hash_file(Path(weights).expanduser())
+
+
+def _adapters_key(adapters: Optional[str]) -> Optional[str]:
+    """Adapters by content: an adapter file's bytes; a published source's files (hub id, folder, .pth or converted
+    file: the same model under another name or path is the same entry)."""
+    if adapters is None:
+        return None
+    if is_published_source(adapters):
+        return "published:" + source_key(adapters)
+    return hash_file(Path(adapters).expanduser())
 
 
 def key_ingredients(config: FeatureStoreConfig, views: ViewSource, grid: Tuple[int, int]) -> Dict[str, object]:
@@ -71,8 +86,9 @@ def key_ingredients(config: FeatureStoreConfig, views: ViewSource, grid: Tuple[i
         "intrinsics": r6(views.intrinsics),
         "cam_to_world": r6(views.cam_to_world),
         "extra": views.extra_key,
-        "weights": _weights_key(config.backbone, config.weights),
-        "adapters": hash_file(Path(config.adapters).expanduser()) if config.adapters is not None else None,
+        # a published model's backbone is in its checkpoint: keyed with the adapters
+        "weights": "in-adapters" if is_published_source(config.adapters) else _weights_key(config.backbone, config.weights),
+        "adapters": _adapters_key(config.adapters),
         "options": config.key_fields(),
         "grid": list(grid),
     }

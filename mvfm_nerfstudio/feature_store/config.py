@@ -58,7 +58,8 @@ class FeatureStoreConfig(ModelSpec):
     with Loc. Err. at most 2% above unpooled attention on the shared scenes (docs/performance.md); 1 = off."""
     feature_resolution: int = 32
     """Feature-grid cells along each image's longer side; the MVFM sees images resized to this many patches (the
-    shorter side keeps the first image's aspect ratio, rounded to whole patches). Cost grows with its square."""
+    shorter side keeps the first image's aspect ratio, rounded to whole patches). Cost grows with its square.
+    Unused with a model whose architecture fixes its input (the published models: a square 518 or 512 px)."""
     feature_dim: Optional[int] = 64
     """Reduce cached features to this many channels with PCA (basis saved in the cache); None = keep all of the
     backbone's channels (384 for ViT-S)."""

@@ -11,6 +11,7 @@ import torch.distributed as dist
 
 from ..features import PCABasis
 from ..geometry.feature_grid import bilinear_taps, grid_for_long_side
+from ..models.build import fixed_feature_grid
 from ..utils.runtime import DeviceLike, resolve_device
 from .cache import CacheEntry, cache_key, entry_path, key_ingredients, read_entry
 from .config import FeatureStoreConfig, ViewSource
@@ -54,7 +55,8 @@ class FeatureStore:
         self._ingredients: Dict[str, object] = {}
         self._resident: Optional[torch.Tensor] = None  # [N*h*w, D] float16 on a device (see keep_on)
         h0, w0 = (int(x) for x in views.image_sizes[0])
-        self.grid = grid_for_long_side((h0, w0), config.feature_resolution)
+        # a model with a fixed (square) input, e.g. a published one, fixes the grid: feature_resolution then unused
+        self.grid = fixed_feature_grid(config) or grid_for_long_side((h0, w0), config.feature_resolution)
 
     # ------------------------------------------------------------------ key
     def key_ingredients(self) -> Dict[str, object]:

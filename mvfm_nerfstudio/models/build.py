@@ -12,18 +12,18 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 
-from ..backbones.registry import DEFAULT_BACKBONE
+from ..backbones.registry import DEFAULT_BACKBONE, get_backbone_spec
 from ..backbones.vit import WeightsSource, create_backbone
 from ..utils.runtime import DeviceLike, resolve_device
 from .config import RUNTIME_FIELDS, MVFMConfig
 from .mvfm import MultiViewFoundationModel
 from .published import is_published_source, load_published, source_metadata
 
-__all__ = ["ModelSpec", "build_model", "create_mvfm", "spec_from_checkpoint", "model_input_size"]
+__all__ = ["ModelSpec", "build_model", "create_mvfm", "spec_from_checkpoint", "fixed_feature_grid"]
 
 
 @dataclass
@@ -154,10 +154,14 @@ def spec_from_checkpoint(adapters: Optional[Union[str, Path]], **overrides) -> M
     return spec.replace(**overrides)
 
 
-def model_input_size(spec: ModelSpec) -> Optional[tuple]:
-    """The fixed ``(H, W)`` input the spec's model expects (an architecture profile's square resize, e.g. the
-    published models' 518 x 518), or None when any size (a multiple of the patch) is fine."""
+def fixed_feature_grid(spec: ModelSpec) -> Optional[Tuple[int, int]]:
+    """The feature grid ``(h, w)`` of the spec's model when its architecture fixes the input size (a profile's
+    square resize, e.g. the published models' 518 x 518 -> 37 x 37), else None (any size is fine)."""
     if spec.adapters is None:
         return None
-    size = MVFMConfig.from_dict(json.loads(source_metadata(spec.adapters)["config"])).input_size
-    return None if size is None else tuple(size)
+    meta = source_metadata(spec.adapters)
+    size = MVFMConfig.from_dict(json.loads(meta["config"])).input_size
+    if size is None:
+        return None
+    patch = get_backbone_spec(meta["backbone"]).patch_size
+    return size[0] // patch, size[1] // patch

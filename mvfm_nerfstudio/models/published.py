@@ -332,6 +332,7 @@ def load_published(
     backbone: Optional[str] = None,
     weights: object = None,
     tiny: bool = False,
+    variant: Optional[str] = None,
     **config,
 ) -> MultiViewFoundationModel:
     """The MVFM of a published source (see the module docstring), in eval mode on the CPU.
@@ -340,6 +341,7 @@ def load_published(
         source: hub id, folder, ``.pth`` or converted ``.safetensors``.
         backbone, weights, tiny: what the caller asked for (``ModelSpec`` fields); the checkpoint decides, and a
             request that contradicts it (another backbone, other weights, tiny for a full-size model) is refused.
+        variant: the variant the checkpoint must be (default: what the source's name promises, if anything).
         **config: run-time :class:`~mvfm_nerfstudio.models.config.MVFMConfig` fields (attention, neighbours,
             pooling); architecture fields must equal the profile's.
 
@@ -350,9 +352,14 @@ def load_published(
     resolved = resolve_source(source)
     label = resolved.label
     if resolved.self_contained:
-        return _load_self_contained(resolved.checkpoint, label, backbone, weights, tiny, config)
+        model = _load_self_contained(resolved.checkpoint, label, backbone, weights, tiny, config)
+        if variant is not None and model.published["published_variant"] != variant:
+            raise CheckpointMismatchError(f"{label} is the {model.published['published_variant']!r} model, "
+                                          f"not {variant!r}")
+        return model
     sd = read_authors_checkpoint(resolved.checkpoint)
-    conv = convert_authors_state_dict(sd, read_args_yaml(resolved.args_yaml), expected_variant=resolved.variant_hint)
+    conv = convert_authors_state_dict(sd, read_args_yaml(resolved.args_yaml),
+                                      expected_variant=variant or resolved.variant_hint)
     _check_request(conv.backbone, conv.tiny, label, backbone, weights, tiny)
     cfg = _runtime_overrides(conv.config, config, label)
     model = _assemble(conv, cfg, label, f"checkpoint:{label}")
@@ -360,7 +367,8 @@ def load_published(
     return model
 
 
-def convert_published(source: Source, output: Union[str, Path]) -> Tuple[MultiViewFoundationModel, List[str]]:
+def convert_published(source: Source, output: Union[str, Path], variant: Optional[str] = None
+                      ) -> Tuple[MultiViewFoundationModel, List[str]]:
     """``mvfm-convert``: load a published source once and write it as a self-contained ``.safetensors``.
 
     Returns:
@@ -369,7 +377,7 @@ def convert_published(source: Source, output: Union[str, Path]) -> Tuple[MultiVi
     output = Path(output)
     if output.suffix != ".safetensors":
         raise ValueError(f"the converted model is a .safetensors file, got {str(output)!r}")
-    model = load_published(source)
+    model = load_published(source, variant=variant)
     save_adapters(model, output, {"converted_from": str(source)})
     return model, list(getattr(model, "conversion_notes", []))
 

@@ -3,8 +3,11 @@
 Example::
 
     mvfm-eval --scenes data/scene --adapters outputs/adapt/adapters.safetensors --output-dir outputs/eval
+    # the paper's comparison with the released MV-DINOv2: base DINOv2, FiT3D and MV-DINOv2 on the same sets
+    mvfm-eval --scenes data/scene --adapters Leoseg/dinov2_reg --compare --output-dir outputs/compare
 
-Writes ``metrics.json``, ``viewpoint_curve.png`` and ``matches_<scene>.png`` to ``--output-dir``.
+Writes ``metrics.json``, ``viewpoint_curve.png`` and ``matches_<scene>.png`` to ``--output-dir``
+(with ``--compare`` also ``compare.json``, ``compare.md``, ``compare.png``).
 Backbone, weights, resolution and train/held-out split default to what the checkpoint was trained with.
 """
 
@@ -40,6 +43,9 @@ def entrypoint(argv: Optional[List[str]] = None) -> None:
     payload = run_evaluation(config)
     print_table(payload)
     print(f"wrote {config.output_dir}/metrics.json")
+    if config.compare:
+        print((config.output_dir / "compare.md").read_text())
+        print(f"wrote {config.output_dir}/compare.json, compare.md" + (", compare.png" if config.plots else ""))
 
 
 if __name__ == "__main__":

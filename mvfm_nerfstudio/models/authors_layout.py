@@ -276,13 +276,14 @@ def _expected_backbone(name: str, tiny: bool, variant: str) -> StateDict:
 
 
 def _check_backbone(given: StateDict, origin: Dict[str, str], own: StateDict, where: str,
-                    flexible: Tuple[str, ...] = ()) -> Optional[str]:
-    """Report of keys missing / unexpected / wrong-shape (in the checkpoint's own names), or None when they fit."""
+                    flexible: Tuple[str, ...] = ()) -> Tuple[Optional[str], int]:
+    """Report of keys missing / unexpected / wrong-shape (in the checkpoint's own names), or None when they fit;
+    and the number of wrong shapes."""
     missing = sorted(set(own) - set(given))
     unexpected = sorted(set(given) - set(own))
     wrong = [k for k in own if k in given and k not in flexible and tuple(given[k].shape) != tuple(own[k].shape)]
     if not (missing or unexpected or wrong):
-        return None
+        return None, 0
     lines = []
     if missing:
         lines.append("missing: " + _fmt(missing, lambda k: f"{where}{k} {list(own[k].shape)}"))
@@ -291,20 +292,24 @@ def _check_backbone(given: StateDict, origin: Dict[str, str], own: StateDict, wh
     if wrong:
         lines.append("wrong shape: " + _fmt(
             wrong, lambda k: f"{origin.get(k, k)}: checkpoint {list(given[k].shape)}, expected {list(own[k].shape)}"))
-    return "\n  ".join(lines)
+    return "\n  ".join(lines), len(wrong)
 
 
 def _fit_backbone(name: str, variant: str, given: StateDict, origin: Dict[str, str], where: str,
                   flexible: Tuple[str, ...]) -> bool:
     """Whether ``given`` is the full-size (False) or tiny (True) ``name``; raises naming the offending keys."""
-    full = _check_backbone(given, origin, _expected_backbone(name, False, variant), where, flexible)
+    full, full_wrong = _check_backbone(given, origin, _expected_backbone(name, False, variant), where, flexible)
     if full is None:
         return False
-    if _check_backbone(given, origin, _expected_backbone(name, True, variant), where, flexible) is None:
+    tiny, tiny_wrong = _check_backbone(given, origin, _expected_backbone(name, True, variant), where, flexible)
+    if tiny is None:
         return True
+    # report against the size the shapes are closest to (a missing key in a tiny test checkpoint, say)
+    report, size = (tiny, "its tiny test size") if tiny_wrong < full_wrong else (full, "full size")
+    hint = "; another backbone size or a different model?" if min(full_wrong, tiny_wrong) else ""
     raise CheckpointMismatchError(
-        f"the checkpoint's {variant} backbone does not fit {name!r} ({get_backbone_spec(name).description}); "
-        f"another backbone size or a different model?\n  {full}"
+        f"the checkpoint's {variant} backbone does not fit {name!r} ({get_backbone_spec(name).description}, "
+        f"{size}){hint}\n  {report}"
     )
 
 
@@ -438,7 +443,9 @@ def convert_authors_state_dict(
     plain, lora, origin = split_peft(body)
     origin = {k: prefix + v for k, v in origin.items()}
     renames = _RENAMES[fam]
+    lora_origin = {k: v for k, v in origin.items() if ":" in k}  # "<target>:A" / ":B" -> checkpoint key
     plain, origin = _rename(plain, origin, renames)
+    origin.update(lora_origin)
     plain = {k: v.float() if v.is_floating_point() else v for k, v in plain.items()}
     drop, flexible = _special_tensors(variant, plain, origin, notes)
 

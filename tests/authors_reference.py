@@ -324,6 +324,14 @@ def _adapter(p: _P, slot: int, x: torch.Tensor, grid, s: int, regs: Optional[tor
     return dx, dr
 
 
+def _ray_tokens(p: "_P", rays: Optional[torch.Tensor], stride: int) -> Optional[torch.Tensor]:
+    """Their plucker_embed: conv 6 -> E with stride = patch, flattened to ``[S, h*w, E]``."""
+    if rays is None:
+        return None
+    pe = F.conv2d(rays, p["plucker_embed.proj.weight"], p["plucker_embed.proj.bias"], stride=stride)
+    return pe.flatten(2).transpose(1, 2)
+
+
 def _dinov2(sd: SD, imgs: torch.Tensor, rays: Optional[torch.Tensor], scale: float, adapters: bool = True,
             lora: bool = True) -> torch.Tensor:
     s, _, height, width = imgs.shape
@@ -342,10 +350,7 @@ def _dinov2(sd: SD, imgs: torch.Tensor, rays: Optional[torch.Tensor], scale: flo
         grid = g.permute(0, 2, 3, 1).reshape(1, h * w, -1)
     x = torch.cat([(p["cls_token"] + pos[:, :1]).expand(s, -1, -1), p["register_tokens"].expand(s, -1, -1),
                    x + grid], 1)
-    pe = None
-    if rays is not None:
-        pe = F.conv2d(rays, top["plucker_embed.proj.weight"], top["plucker_embed.proj.bias"], stride=14)
-        pe = pe.flatten(2).transpose(1, 2)
+    pe = _ray_tokens(top, rays, 14)
     for i in range(DEPTH):
         b = f"blocks.{i}"
         x = x + p[b + ".ls1.gamma"] * _mha(p, p.ln(x, b + ".norm1", 1e-6), b + ".attn", HEADS)
@@ -374,10 +379,7 @@ def _dinov3(sd: SD, imgs: torch.Tensor, rays: Optional[torch.Tensor], scale: flo
     coords = torch.stack(torch.meshgrid(cy, cx, indexing="ij"), -1).flatten(0, 1)  # [HW, 2]
     angles = (2 * math.pi * coords[:, :, None] / periods[None, None, :]).flatten(1, 2).tile(2)
     rope = (torch.sin(angles), torch.cos(angles))
-    pe = None
-    if rays is not None:
-        pe = F.conv2d(rays, p["plucker_embed.proj.weight"], p["plucker_embed.proj.bias"], stride=16)
-        pe = pe.flatten(2).transpose(1, 2)
+    pe = _ray_tokens(p, rays, 16)
     for i in range(DEPTH):
         b = f"blocks.{i}"
         x = x + p[b + ".ls1.gamma"] * _mha(p, p.ln(x, b + ".norm1", 1e-5), b + ".attn", HEADS, rope=rope,
@@ -414,10 +416,7 @@ def _clip(sd: SD, imgs: torch.Tensor, rays: Optional[torch.Tensor], scale: float
                           antialias=True, align_corners=False).permute(0, 2, 3, 1).reshape(1, h * w, -1)
     x = torch.cat([p["cls_token"].expand(s, -1, -1), x], 1) + torch.cat([pos[:, :1], g], 1)
     x = p.ln(x, "norm_pre", 1e-5)
-    pe = None
-    if rays is not None:
-        pe = F.conv2d(rays, top["plucker_embed.proj.weight"], top["plucker_embed.proj.bias"], stride=16)
-        pe = pe.flatten(2).transpose(1, 2)
+    pe = _ray_tokens(top, rays, 16)
     for i in range(DEPTH):
         b = f"blocks.{i}"
         x = x + _mha(p, p.ln(x, b + ".norm1", 1e-5), b + ".attn", HEADS)
@@ -466,10 +465,7 @@ def _sam(sd: SD, imgs: torch.Tensor, rays: Optional[torch.Tensor], scale: float,
     if pos.shape[1:3] != (h, w):
         pos = F.interpolate(pos.permute(0, 3, 1, 2), size=(h, w), mode="bilinear", align_corners=False).permute(0, 2, 3, 1)
     x = x + pos
-    pe = None
-    if rays is not None:
-        pe = F.conv2d(rays, p["plucker_embed.proj.weight"], p["plucker_embed.proj.bias"], stride=16)
-        pe = pe.flatten(2).transpose(1, 2)
+    pe = _ray_tokens(p, rays, 16)
     win = 14
     for i in range(DEPTH):
         b = f"blocks.{i}"

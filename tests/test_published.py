@@ -46,7 +46,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_converted_model_computes_what_the_authors_code_computes(variant, checkpoints, tmp_path):
+def test_converted_model_computes_what_the_authors_code_computes(variant, checkpoints, tmp_path, monkeypatch):
     """Folder, .pth and mvfm-convert file load the same model, equal to the reference forward for S = 1, 2, 4."""
     folder, sd = checkpoints[variant]
     model = create_mvfm("dinov2_vits14_reg", adapters=str(folder))
@@ -56,7 +56,9 @@ def test_converted_model_computes_what_the_authors_code_computes(variant, checkp
     from mvfm_nerfstudio.scripts.convert import entrypoint
 
     entrypoint(["--source", str(folder / "checkpoints" / "best.pth"), "--output", str(converted)])
-    again = create_mvfm("dinov2_vits14_reg", adapters=str(converted))
+    with monkeypatch.context() as m:  # the converted file is read without any unpickling
+        m.setattr(torch, "load", lambda *a, **k: pytest.fail("torch.load called on a converted model"))
+        again = create_mvfm("dinov2_vits14_reg", adapters=str(converted))
     assert again.config == model.config
     for s in (1, 2, 4):
         images, k, c2w = _inputs(variant, s)
@@ -373,15 +375,16 @@ def test_mvfm_eval_compare_writes_the_paper_table(small_published, tmp_path):
     from _mvfm_training_helpers import generated_scene
 
     from mvfm_nerfstudio import create_backbone
-    from mvfm_nerfstudio.evaluation.runner import EvalConfig, run_evaluation
 
     scene = generated_scene(tmp_path)
     torch.manual_seed(1)
     fit3d = tmp_path / "fit3d_tiny.pth"
     torch.save(create_backbone("dinov2_vits14_reg", "random", tiny=True).model.state_dict(), fit3d)
-    cfg = EvalConfig(scenes=(scene,), adapters=small_published, output_dir=tmp_path / "out", num_sets=4,
-                     num_views=3, progress=False, compare=True, fit3d_weights=str(fit3d))
-    payload = run_evaluation(cfg)
+    from mvfm_nerfstudio.scripts.eval import entrypoint
+
+    entrypoint(["--scenes", str(scene), "--adapters", str(small_published), "--output-dir", str(tmp_path / "out"),
+                "--num-sets", "4", "--num-views", "3", "--no-progress", "--compare", "--fit3d-weights", str(fit3d)])
+    payload = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert payload["resolved"]["input_size"] == [56, 56]
     table = json.loads((tmp_path / "out" / "compare.json").read_text())
     assert list(table["models"]) == ["base", "fit3d", "mvfm"]

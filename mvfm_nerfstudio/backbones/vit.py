@@ -486,7 +486,7 @@ def backbone_from_state_dict(
     else:  # unknown derived buffers: let timm initialise them for real
         model = _create_timm_model(spec, tiny, pretrained=False, **(timm_kwargs or {}))
         if pos is not None and spec.family == "sam" and pos.shape != model.pos_embed.shape:
-            model.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=model.pos_embed.dtype))
+            model.pos_embed = nn.Parameter(torch.zeros(pos.shape, dtype=model.pos_embed.dtype))  # device: a CPU build
         if "rope.periods" in given and getattr(model, "rope", None) is not None:
             model.rope.register_buffer("periods", torch.zeros_like(model.rope.periods), persistent=True)
     model.load_state_dict({k: v.to(own[k].dtype) for k, v in given.items()}, strict=True)

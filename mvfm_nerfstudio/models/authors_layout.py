@@ -121,7 +121,12 @@ def read_authors_checkpoint(path: Path) -> StateDict:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        try:  # memory-mapped: reading key names and shapes costs nothing
+            obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as err:
+            if "mmap" not in str(err):
+                raise
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as err:
         raise CheckpointMismatchError(
             f"{str(path)!r} needs code to unpickle (it stores Python objects, not only tensors), so it is refused: "
@@ -340,7 +345,7 @@ def _convert_lora(lora: Dict[str, Dict[str, torch.Tensor]], origin: Dict[str, st
             raise CheckpointMismatchError(
                 f"LoRA factors {origin[f'{target}:A']} {list(a.shape)} / {origin[f'{target}:B']} {list(b.shape)} "
                 f"give a delta of shape {list(delta_shape)}, but the weight is {list(own[name].shape)}")
-        factors["model." + name] = (a.float().contiguous(), b.float().contiguous())
+        factors["model." + name] = (a.float().clone(), b.float().clone())  # own memory, not the file's map
     if len(ranks) > 1:
         raise CheckpointMismatchError(f"LoRA layers of different ranks {sorted(ranks)}: one LoraConfig has one rank")
     if not factors:
@@ -432,7 +437,7 @@ def convert_authors_state_dict(
         prefix = adapter_prefix = "image_encoder."
     rays_key = adapter_prefix + "plucker_embed.proj."
     not_backbone = (adapter_prefix + "spatial_adapters.", rays_key)
-    extras = {k: v for k, v in sd.items() if fam == "sam" and k.startswith(("prompt_encoder.", "mask_decoder."))}
+    extras = {k: v.clone() for k, v in sd.items() if fam == "sam" and k.startswith(("prompt_encoder.", "mask_decoder."))}
     body = {k[len(prefix):]: v for k, v in sd.items()
             if k.startswith(prefix) and not k.startswith(not_backbone) and k not in extras}
     leftover = sorted(k for k in sd if not k.startswith(prefix) and not k.startswith(not_backbone) and k not in extras)

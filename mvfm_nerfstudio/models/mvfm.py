@@ -41,7 +41,23 @@ from .config import MVFMConfig
 from .lora import LoRAFactors, unmerged_weights
 
 __all__ = ["AuthorsAdapter", "MVAdapter", "MultiViewFoundationModel"]
-class MVAdapter(nn.Module):
+
+
+class _Adapter(nn.Module):
+    """What every adapter offers: ``forward(x, ...) = x + residual(x, ...)`` with ``x [B, S, T, C]``."""
+
+    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """``x [B, S, T, C]`` -> ``[B, S, T, C]``; arguments as ``residual``."""
+        return x + self.residual(x, *args, **kwargs)
+
+    @staticmethod
+    def _zero_projection(width: int, dim: int) -> nn.Linear:
+        """The output projection ``width -> dim``, zero-initialised: a fresh adapter adds nothing."""
+        proj = nn.Linear(width, dim)
+        nn.init.zeros_(proj.weight)
+        nn.init.zeros_(proj.bias)
+        return proj
+class MVAdapter(_Adapter):
     """One MV-Adapter: cross-view attention + MLP, added residually through a zero-initialised projection.
 
     ``x -> x + out_proj(mlp_block(attn_block(in_proj([LN(x), extra]))))`` where the
@@ -66,13 +82,7 @@ class MVAdapter(nn.Module):
         hidden = int(adapter_dim * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(adapter_dim, hidden), nn.GELU(), nn.Linear(hidden, adapter_dim)) \
             if hidden > 0 else None
-        self.out_proj = nn.Linear(adapter_dim, dim)
-        nn.init.zeros_(self.out_proj.weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``x [B, S, T, C]`` (+ ``extra [B, S, T, E]``) -> ``[B, S, T, C]``; arguments as :meth:`residual`."""
-        return x + self.residual(x, *args, **kwargs)
+        self.out_proj = self._zero_projection(adapter_dim, dim)
 
     def residual(
         self,
@@ -95,7 +105,7 @@ class MVAdapter(nn.Module):
         return self.out_proj(h)
 
 
-class AuthorsAdapter(nn.Module):
+class AuthorsAdapter(_Adapter):
     """The MV-Adapter of the MVFM authors' released models (``adapter_type="authors"``).
 
     ``delta = out_proj(up(mlp(attn(LN(down([x, extra]))))))``, with no inner residual (their
@@ -123,13 +133,7 @@ class AuthorsAdapter(nn.Module):
         self.attn = CrossViewAttention(width, num_heads)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)) if hidden > 0 else None
-        self.out_proj = nn.Linear(width, dim)
-        nn.init.zeros_(self.out_proj.weight)
-        nn.init.zeros_(self.out_proj.bias)
-
-    def forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
-        """``x [B, S, R + T, C]`` -> ``[B, S, R + T, C]``; arguments as :meth:`residual`."""
-        return x + self.residual(x, *args, **kwargs)
+        self.out_proj = self._zero_projection(width, dim)
 
     def residual(
         self,

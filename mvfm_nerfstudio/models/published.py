@@ -102,7 +102,8 @@ class ResolvedSource:
         return [p for p in (self.args_yaml, self.checkpoint) if p is not None]
 
 
-def _options(label: str, repo_id: Optional[str] = None) -> str:
+def _options(repo_id: Optional[str] = None) -> str:
+    """The ways to get a published model (for errors); ``repo_id`` = the one asked for."""
     repo = repo_id or "Leoseg/dinov2_reg"
     cache_dir = f"models--{repo.replace('/', '--')}"
     return (
@@ -161,22 +162,23 @@ def resolve_source(source: Source) -> ResolvedSource:
         found = _folder_files(path)
         if found is None:
             raise WeightsUnavailableError(
-                f"folder {text!r} holds no {_CHECKPOINT} (nor <name>/{_CHECKPOINT}).\n" + _options(text))
+                f"folder {text!r} holds no {_CHECKPOINT} (nor <name>/{_CHECKPOINT}).\n" + _options())
         ckpt, args = found
         return ResolvedSource(text, ckpt, args, _variant_of_name(ckpt.parent.parent.name))
     if path.suffix in (".pth", ".pt", ".safetensors"):
         if not path.is_file():
-            raise WeightsUnavailableError(f"checkpoint file {text!r} does not exist.\n" + _options(text))
+            raise WeightsUnavailableError(f"checkpoint file {text!r} does not exist.\n" + _options())
         args = path.parent.parent / "args.yaml" if path.suffix != ".safetensors" else None
         hint = _variant_of_name(path.parent.parent.name) if path.suffix != ".safetensors" else None
         return ResolvedSource(text, path, args if args is not None and args.is_file() else None, hint)
     if not _HUB_ID.match(text):
-        raise WeightsUnavailableError(f"{text!r} is neither a file, a folder nor a Hugging Face repo id.\n" + _options(text))
+        raise WeightsUnavailableError(f"{text!r} is neither a file, a folder nor a Hugging Face repo id.\n"
+                                      + _options())
     name = text.split("/", 1)[1]
-    ckpt = Path(hub_file(text, [_CHECKPOINT, f"{name}/{_CHECKPOINT}"], f"MVFM checkpoint {text}", _options(text, text)))
+    ckpt = Path(hub_file(text, [_CHECKPOINT, f"{name}/{_CHECKPOINT}"], f"MVFM checkpoint {text}", _options(text)))
     folder = f"{name}/" if ckpt.parent.parent.name == name else ""  # snapshot_download layout: <name>/checkpoints/
     try:
-        args: Optional[Path] = Path(hub_file(text, [f"{folder}args.yaml"], f"args.yaml of {text}", _options(text, text)))
+        args: Optional[Path] = Path(hub_file(text, [f"{folder}args.yaml"], f"args.yaml of {text}", _options(text)))
     except WeightsUnavailableError:
         args = None  # the weights alone determine the model; args.yaml only confirms settings
     return ResolvedSource(text, ckpt, args, _variant_of_name(name))

@@ -128,10 +128,13 @@ def read_authors_checkpoint(path: Path) -> StateDict:
                 raise
             obj = torch.load(str(path), map_location="cpu", weights_only=True)  # the legacy (non-zip) format
     except pickle.UnpicklingError as err:
+        needs = _unsafe_globals(path)
+        if not needs and "global" not in str(err).lower():  # not a pickle of objects: a damaged file
+            raise CheckpointMismatchError(f"could not read checkpoint {str(path)!r}: {err}") from err
         raise CheckpointMismatchError(
-            f"{str(path)!r} needs code to unpickle (it stores Python objects, not only tensors), so it is refused: "
-            "only torch.load(weights_only=True) is used, never arbitrary unpickling. Re-save its tensors where "
-            f"you trust the file: torch.save({{'model': ckpt['model']}}, path). Detail: {err}"
+            f"{str(path)!r} needs code to unpickle (it stores Python objects{': ' + ', '.join(needs) if needs else ''}"
+            ", not only tensors), so it is refused: only torch.load(weights_only=True) is used, never arbitrary "
+            "unpickling. Re-save its tensors where you trust the file: torch.save({'model': ckpt['model']}, path)."
         ) from err
     except Exception as err:
         raise CheckpointMismatchError(f"could not read checkpoint {str(path)!r}: {type(err).__name__}: {err}") from err
@@ -141,6 +144,17 @@ def read_authors_checkpoint(path: Path) -> StateDict:
             f"{str(path)!r} is not an MVFM authors' checkpoint: expected {{'model': state_dict}} or a state dict of tensors"
         )
     return dict(sd)
+
+
+def _unsafe_globals(path: Path) -> List[str]:
+    """Python globals a checkpoint's pickle would import (empty when unknown or none)."""
+    finder = getattr(torch.serialization, "get_unsafe_globals_in_checkpoint", None)
+    if finder is None:
+        return []
+    try:
+        return list(finder(str(path)))
+    except Exception:
+        return []
 
 
 def read_args_yaml(path: Optional[Path]) -> Dict[str, object]:

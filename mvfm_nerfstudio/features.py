@@ -3,7 +3,8 @@
 * :class:`PCABasis` / :func:`fit_pca`: a fixed linear projection of features (to D dims
   for caches, or to 3 dims + fixed colour range for display, so renders never flicker);
 * :func:`cosine_similarity` and :func:`segment`: query-feature similarity maps and masks;
-  :func:`overlay_mask` tints a mask over an image (:data:`MASK_COLOR`);
+  :func:`overlay_mask` tints a mask over an image (:data:`MASK_COLOR`); :func:`heatmap_rgb`
+  colours values on a fixed range (turbo), so maps of different views compare by colour;
 * :class:`FeatureDisplay`: an ``nn.Module`` holding a display basis, a query feature and a
   threshold, turning a rendered feature image into ``feature_pca``/``similarity``/
   ``segmentation`` outputs (used by the Nerfstudio models; no Nerfstudio import here).
@@ -18,7 +19,16 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["PCABasis", "fit_pca", "cosine_similarity", "segment", "overlay_mask", "MASK_COLOR", "FeatureDisplay"]
+__all__ = [
+    "PCABasis",
+    "fit_pca",
+    "cosine_similarity",
+    "segment",
+    "overlay_mask",
+    "heatmap_rgb",
+    "MASK_COLOR",
+    "FeatureDisplay",
+]
 
 MASK_COLOR = (1.0, 0.25, 0.1)
 """RGB tint of segmentation overlays (``mvfm-segment``'s overview and the viewer's ``segmentation_overlay``)."""
@@ -107,6 +117,25 @@ def overlay_mask(rgb: torch.Tensor, mask: torch.Tensor, alpha: float = 0.55,
         m = m[..., None]
     a = alpha * m
     return rgb * (1 - a) + rgb.new_tensor(color) * a
+
+
+def heatmap_rgb(values: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> torch.Tensor:
+    """Turbo colours ``[..., 3]`` (float in [0, 1]) of ``t = clamp((values - lo) / (hi - lo), 0, 1)``.
+
+    The range is fixed (never stretched to the data), so equal values get equal colours in every
+    image: ``lo`` is dark blue, the middle green, ``hi`` dark red. Same lookup as matplotlib's
+    ``colormaps["turbo"](t)``: entry ``min(floor(256 t), 255)`` of its 256-colour table; NaN is
+    black (matplotlib's "bad" colour).
+    """
+    if not hi > lo:
+        raise ValueError(f"heatmap_rgb needs hi > lo, got lo={lo}, hi={hi}")
+    import matplotlib
+
+    lut = torch.tensor(matplotlib.colormaps["turbo"].colors, dtype=torch.float64, device=values.device)  # [256, 3]
+    t = ((values.float() - lo) / (hi - lo)).clamp(0, 1)
+    index = (t.nan_to_num(0.0) * lut.shape[0]).long().clamp_max(lut.shape[0] - 1)
+    rgb = lut[index].masked_fill(t.isnan()[..., None], 0.0)
+    return rgb.to(values.dtype if values.is_floating_point() else torch.float32)
 
 
 class FeatureDisplay(nn.Module):

@@ -45,3 +45,23 @@ def test_display_outputs_similarity_and_segmentation():
     assert "similarity" not in disp(feats)
     assert torch.allclose(cosine_similarity(feats, feats[0, 0])[0, 0], torch.ones(1))
     assert segment(torch.tensor([0.1, 0.95]), 0.9).tolist() == [0.0, 1.0]
+
+
+def test_heatmap_rgb_is_matplotlib_turbo_on_a_fixed_range():
+    import matplotlib
+    import numpy as np
+
+    from mvfm_nerfstudio.features import heatmap_rgb
+
+    values = torch.cat([torch.linspace(-1.5, 1.5, 20001), torch.tensor([-1.0, 0.0, 1.0])])
+    for lo, hi in ((-1.0, 1.0), (0.0, 1.0), (0.3, 0.9)):
+        t = ((values - lo) / (hi - lo)).clamp(0, 1).numpy()
+        expected = matplotlib.colormaps["turbo"](t)[..., :3]
+        np.testing.assert_array_equal(heatmap_rgb(values.double(), lo, hi).numpy(), expected)
+    rgb = heatmap_rgb(torch.tensor([[-1.0, 1.0], [float("nan"), 5.0]]), -1.0, 1.0)
+    assert rgb.shape == (2, 2, 3) and rgb.dtype == torch.float32
+    assert torch.equal(rgb[1, 0], torch.zeros(3))  # NaN: black, matplotlib's "bad" colour
+    assert torch.equal(rgb[1, 1], rgb[0, 1])  # clamped to the top of the scale, never stretched
+    assert float(rgb[0, 0, 2]) > float(rgb[0, 0, 0]) and float(rgb[0, 1, 0]) > float(rgb[0, 1, 2])  # blue .. red
+    with pytest.raises(ValueError, match="hi > lo"):
+        heatmap_rgb(torch.zeros(3), 1.0, 1.0)

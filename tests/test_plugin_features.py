@@ -6,6 +6,7 @@ One tiny generated scene and one 3-iteration training run are shared by the modu
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import socket
@@ -17,6 +18,8 @@ from pathlib import Path
 
 import pytest
 import torch
+
+from mvfm_nerfstudio.features import cosine_similarity, heatmap_rgb
 
 pytestmark = pytest.mark.slow
 
@@ -151,12 +154,22 @@ def test_feature_at_ray_matches_the_rendered_pixel(trained):
         rendered = model(cams.generate_rays(camera_indices=1, coords=torch.tensor([[40.5, 70.5]]), keep_shape=False))
     model.train()
     assert torch.allclose(feat, rendered["feature"][0], atol=1e-5)
+    # with_depth: the same feature and nerfacto's (median) depth of that ray, NaN where it accumulates < 0.5
+    feat2, depth = model.feature_at_ray(bundle.origins[0], bundle.directions[0], with_depth=True)
+    assert torch.allclose(feat2, feat, atol=1e-5)
+    if float(rendered["accumulation"][0]) >= 0.5:
+        assert float(depth) == pytest.approx(float(rendered["depth"][0]), rel=1e-4)
+    else:
+        assert torch.isnan(depth)
     model.set_query(feat)
     with torch.no_grad():
         out = model.get_outputs_for_camera(cams[1:2])
     assert set(out) >= {"feature", "feature_pca", "similarity", "segmentation"}
     assert out["feature_pca"].shape[-1] == 3 and 0 <= float(out["feature_pca"].min()) <= float(out["feature_pca"].max()) <= 1
-    assert float(out["similarity"][40, 70]) == pytest.approx(1.0, abs=1e-3)
+    # the viewer's similarity is the fixed-scale colour of the cosine; the clicked pixel is the red end (cos 1)
+    cos = cosine_similarity(out["feature"], model.feature_display.query)
+    assert float(cos[40, 70]) == pytest.approx(1.0, abs=1e-3)
+    assert torch.equal(out["similarity"], heatmap_rgb(cos[..., 0], -1.0, 1.0))
     model.set_query(None)
 
 
@@ -186,18 +199,19 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ns_viewer_serves_the_trained_run_from_the_feature_cache(trained, tmp_path):
-    config, _ = trained
+@contextlib.contextmanager
+def _ns_viewer(config_path: Path, log: Path):
+    """``ns-viewer`` on a free port of 127.0.0.1 serving ``config_path``, output to ``log``; yields
+    ``(url, first 2000 characters of the page)`` once it answers (within 240 s), stops it afterwards."""
     port = _free_port()
-    log = tmp_path / "viewer.log"
     with open(log, "w") as fh:
         proc = subprocess.Popen(
-            [str(BIN / "ns-viewer"), "--load-config", str(config.get_base_dir() / "config.yml"),
+            [str(BIN / "ns-viewer"), "--load-config", str(config_path),
              "--viewer.websocket-host", "127.0.0.1", "--viewer.websocket-port", str(port)],
             stdout=fh, stderr=subprocess.STDOUT, env=_env(),
         )
     try:
-        status, deadline = None, time.monotonic() + 240
+        status, body, deadline = None, "", time.monotonic() + 240
         while time.monotonic() < deadline and proc.poll() is None:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as resp:
@@ -209,13 +223,21 @@ def test_ns_viewer_serves_the_trained_run_from_the_feature_cache(trained, tmp_pa
         text = log.read_text()
         assert proc.poll() is None, f"ns-viewer exited early:\n{text[-3000:]}"
         assert status == 200 and "<html" in body.lower(), text[-3000:]
-        assert "MVFM feature cache: hit" in text and "cache: miss" not in text
+        yield f"http://127.0.0.1:{port}", body
     finally:
         proc.terminate()
         try:
             proc.wait(timeout=30)
         except subprocess.TimeoutExpired:
             proc.kill()
+
+
+def test_ns_viewer_serves_the_trained_run_from_the_feature_cache(trained, tmp_path):
+    config, _ = trained
+    log = tmp_path / "viewer.log"
+    with _ns_viewer(config.get_base_dir() / "config.yml", log):
+        text = log.read_text()
+        assert "MVFM feature cache: hit" in text and "cache: miss" not in text
 
 
 def test_per_scene_adaptation_changes_the_cached_features(trained, scene):

@@ -227,6 +227,17 @@ def test_feature_at_ray_matches_the_rendered_pixel():
     # not bit-exact: gsplat's projection clamps Jacobians to a margin that depends on the image size
     torch.testing.assert_close(f, centre, atol=2e-3, rtol=0)
     assert float((f - out["feature"][0, 0]).abs().max()) > 1e-2  # a different pixel differs
+    # with_depth: the same feature, and the centre pixel's z-depth (= distance along the optical axis); within 5 %:
+    # the same Jacobian clamping changes the compositing weights a little, and depth mixes Gaussians at several
+    # distances (2 % measured)
+    f2, depth = model.feature_at_ray(c2w[:, 3], -c2w[:, 2], focal=30.0, with_depth=True)
+    torch.testing.assert_close(f2, f, atol=1e-6, rtol=0)
+    assert float(out["accumulation"][12, 16]) >= 0.5
+    assert float(depth) == pytest.approx(float(out["depth"][12, 16]), rel=0.05)
+    assert float(out["depth"].max() - out["depth"].min()) > 0.2  # so 5 % of the depth is a real check
+    # a ray into empty space has no surface: NaN
+    _, away = model.feature_at_ray(c2w[:, 3], c2w[:, 2], focal=30.0, with_depth=True)
+    assert torch.isnan(away)
     with pytest.raises(ValueError, match="non-zero direction"):
         model.feature_at_ray(c2w[:, 3], torch.zeros(3))
 

@@ -52,11 +52,14 @@ def test_mvfm_train_tiny_preset_from_a_wheel_install_outside_the_repository(whee
     # the dependencies come from this environment; a plain path entry does not run its .pth files, so the
     # editable install of this package there is not seen
     Path(site, "project_dependencies.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)], check=True)
+    # without PYTHONPATH: with PYTHONPATH=<checkout> (how a worktree is tested), pip sees the egg-info the wheel
+    # build leaves in the checkout as an installed mvfm_nerfstudio and skips the install
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
+    subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", str(wheel)], check=True,
+                   env=env)
 
     work = tmp_path / "elsewhere"
     work.mkdir()
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     where = subprocess.run([str(py), "-c", "import mvfm_nerfstudio; print(mvfm_nerfstudio.__file__)"], cwd=work, env=env,
                            check=True, capture_output=True, text=True).stdout.strip()
     assert Path(where).is_relative_to(site), where  # the installed wheel, not the repository

@@ -6,7 +6,8 @@
 
 * :meth:`FeatureHeadMixin.feature_pair`: the rendered and the target features of a training batch at
   the resolution the loss compares them (rays for the NeRF, maps for the splats);
-* ``feature_at_ray(origin, direction)``: the feature rendered along one ray (click-to-query);
+* ``feature_at_ray(origin, direction, with_depth=False)``: the feature rendered along one ray and, with
+  ``with_depth``, the distance to the surface along it (click-to-query and its marker);
 
 and gets ``feature_display`` (:class:`~mvfm_nerfstudio.features.FeatureDisplay`, basis from the feature
 cache), ``feature_panels`` (:class:`~.viewer_panels.FeaturePanels`), ``set_query``, the ``feature_loss``
@@ -122,6 +123,9 @@ class FeatureHeadConfig:
     """Weight of the feature loss relative to the RGB loss."""
     segmentation_threshold: float = 0.7
     """Initial cosine-similarity threshold of the 'segmentation' output."""
+    similarity_range: Tuple[float, float] = (-1.0, 1.0)
+    """Cosine similarities at the blue and the red end of the viewer's 'similarity' colours (turbo; fixed, so
+    every view and resolution uses the same colours)."""
     compute_lpips: bool = False
     """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
 
@@ -148,7 +152,7 @@ class FeatureHeadMixin:
         self.feature_display = FeatureDisplay(int(metadata[FEATURE_DIM_KEY]), threshold=self.config.segmentation_threshold)
         if metadata.get(DISPLAY_BASIS_KEY) is not None:
             self.feature_display.set_basis(PCABasis.from_state(metadata[DISPLAY_BASIS_KEY]))
-        self.feature_panels = FeaturePanels(self)  # viewer: PCA lock/refresh, click-to-query
+        self.feature_panels = FeaturePanels(self, similarity_range=self.config.similarity_range)  # viewer panels
 
     @property
     def feature_dim(self) -> int:

@@ -19,8 +19,9 @@ Design:
 * Outputs: ``feature`` ``[..., D]``; ``feature_pca`` ``[..., 3]`` through one fixed
   projection (:class:`~mvfm_nerfstudio.features.FeatureDisplay`, basis taken from the
   feature cache at setup and saved in the checkpoint, so the viewer does not flicker);
-  once a query feature is set, ``similarity`` and ``segmentation`` ``[..., 1]``.
-* :meth:`MVFMFeaturesModel.feature_at_ray` renders the feature along one ray (the
+  once a query feature is set, ``similarity`` and ``segmentation`` ``[..., 1]`` (full frames
+  from ``get_outputs_for_camera``: colour images, :mod:`.viewer_panels`).
+* :meth:`MVFMFeaturesModel.feature_at_ray` renders the feature (and depth) along one ray (the
   viewer's click-to-query).
 * The feature loss and metric, display basis, query, viewer panels and the lazy LPIPS are the
   shared feature head (:mod:`.feature_head`).
@@ -171,7 +172,8 @@ class MVFMFeaturesModel(FeatureHeadMixin, NerfactoModel):
         return outputs["feature"], batch["feature"].to(outputs["feature"])
 
     @torch.no_grad()
-    def feature_at_ray(self, origin: torch.Tensor, direction: torch.Tensor, camera_index: int = 0) -> torch.Tensor:
+    def feature_at_ray(self, origin: torch.Tensor, direction: torch.Tensor, camera_index: int = 0,
+                       with_depth: bool = False):
         """Render the feature along one ray.
 
         Args:
@@ -180,9 +182,12 @@ class MVFMFeaturesModel(FeatureHeadMixin, NerfactoModel):
                 coordinates divided by ``VISER_NERFSTUDIO_SCALE_RATIO``).
             direction: ``[3]`` ray direction (any length > 0).
             camera_index: training camera whose appearance embedding to use (irrelevant for features).
+            with_depth: also return the surface distance.
 
         Returns:
-            ``[D]`` feature (float32, on the model's device).
+            ``[D]`` feature (float32, on the model's device); with ``with_depth``, ``(feature, depth)``
+            where ``depth`` ``[]`` is nerfacto's median depth along the unit direction (world units),
+            NaN when the ray's accumulation is below 0.5 (it hits nothing).
         """
         origin, direction = check_ray(origin, direction, self.device)
         bundle = RayBundle(
@@ -197,4 +202,7 @@ class MVFMFeaturesModel(FeatureHeadMixin, NerfactoModel):
             outputs = self.forward(bundle)
         finally:
             self.train(was_training)
-        return outputs["feature"][0]
+        if not with_depth:
+            return outputs["feature"][0]
+        depth = outputs["depth"].reshape(-1)[0]
+        return outputs["feature"][0], torch.where(outputs["accumulation"].reshape(-1)[0] >= 0.5, depth, torch.nan)

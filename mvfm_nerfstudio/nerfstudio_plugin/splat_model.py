@@ -33,8 +33,9 @@ Design:
   lazy LPIPS) is shared with ``mvfm-features`` (:mod:`.feature_head`).
 * Outputs: ``rgb``, ``depth``, ``accumulation``, ``background``, ``feature`` ``[H, W, D]``,
   ``feature_pca`` (fixed basis from the feature cache, saved in the checkpoint) and, with a
-  query set, ``similarity``/``segmentation``. :meth:`MVFMSplatModel.feature_at_ray` renders
-  one ray's feature (click-to-query).
+  query set, ``similarity``/``segmentation`` (``[H, W, 1]``; ``get_outputs_for_camera`` shows
+  them as colour images, :mod:`.viewer_panels`). :meth:`MVFMSplatModel.feature_at_ray` renders
+  one ray's feature and depth (click-to-query).
 """
 
 from __future__ import annotations
@@ -265,7 +266,7 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
 
     @torch.no_grad()
     def feature_at_ray(self, origin: Tensor, direction: Tensor, camera_index: int = 0,
-                       focal: Optional[float] = None) -> Tensor:
+                       focal: Optional[float] = None, with_depth: bool = False):
         """Render the feature along one ray.
 
         A ``15 x 15`` pinhole camera at ``origin`` looks along ``direction``; the centre pixel's
@@ -280,9 +281,12 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
             camera_index: unused (kept for the same signature as the ``mvfm-features`` model).
             focal: focal length in pixels (default ``config.ray_query_focal``); pass the viewer's
                 focal length to get exactly the feature the viewer renders at the clicked pixel.
+            with_depth: also return the surface distance.
 
         Returns:
-            ``[D]`` feature (float32, on the model's device).
+            ``[D]`` feature (float32, on the model's device); with ``with_depth``, ``(feature, depth)``
+            where ``depth`` ``[]`` is the expected depth of the centre pixel (= distance along the unit
+            direction, world units), NaN when its opacity is below 0.5 (the ray hits nothing).
         """
         origin, direction = check_ray(origin, direction, self.device)
         f = float(self.config.ray_query_focal if focal is None else focal)
@@ -292,10 +296,13 @@ class MVFMSplatModel(FeatureHeadMixin, SplatfactoModel):
         self.eval()
         try:
             viewmat = invert_pose(look_along(origin, direction))
-            _, feature, _, _, _ = self._render(viewmat, K, size, size, render_depth=False)
+            _, feature, alpha, depth, _ = self._render(viewmat, K, size, size, render_depth=with_depth)
         finally:
             self.train(was_training)
-        return feature[size // 2, size // 2]
+        c = size // 2
+        if not with_depth:
+            return feature[c, c]
+        return feature[c, c], torch.where(alpha[c, c, 0] >= 0.5, depth[c, c, 0], torch.nan)
 
     # ------------------------------------------------------------------------------------------ losses
 

@@ -10,18 +10,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..features import MASK_COLOR, overlay_mask
+from ..features import MASK_COLOR, heatmap_rgb, overlay_mask
 from ..utils.io import atomic_path
 
 __all__ = ["heatmap", "overview_image", "save_png"]
 
 
 def heatmap(similarity: torch.Tensor, lo: float = 0.0, hi: float = 1.0) -> np.ndarray:
-    """``[H, W]`` values -> ``[H, W, 3]`` uint8 turbo colours of ``clamp((v - lo) / (hi - lo), 0, 1)``."""
-    import matplotlib
-
-    t = ((similarity.float() - lo) / (hi - lo)).clamp(0, 1).cpu().numpy()
-    return (matplotlib.colormaps["turbo"](t)[..., :3] * 255).round().astype(np.uint8)
+    """``[H, W]`` values -> ``[H, W, 3]`` uint8 turbo colours of ``clamp((v - lo) / (hi - lo), 0, 1)``
+    (:func:`~mvfm_nerfstudio.features.heatmap_rgb`)."""
+    rgb = heatmap_rgb(similarity.double(), lo, hi)
+    return (rgb * 255).round().to(torch.uint8).cpu().numpy()
 
 
 def _boundary(mask: torch.Tensor) -> torch.Tensor:

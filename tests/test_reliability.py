@@ -114,3 +114,40 @@ def test_atomic_writes_name_their_process(tmp_path):
     with atomic_path(tmp_path / "x.bin") as tmp:
         assert f".x.bin.{os.getpid()}." in tmp.name
         tmp.write_bytes(b"1")
+
+
+# ---------------------------------------------------------------------------------------------- 1: viewer exposure
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_both_methods_serve_the_viewer_on_localhost_only():
+    from mvfm_nerfstudio.nerfstudio_plugin.features_method import mvfm_features, mvfm_features_config
+    from mvfm_nerfstudio.nerfstudio_plugin.splat_method import mvfm_splat, mvfm_splat_config
+
+    for config in (mvfm_features_config(), mvfm_splat_config(), mvfm_features.config, mvfm_splat.config):
+        assert config.viewer.websocket_host == "127.0.0.1"
+
+
+def _doc_commands(text: str, program: str):
+    """Each ``program ...`` command of a doc: up to the end of its line, following ``\\`` continuations."""
+    joined = text.replace("\\\n", " ")
+    for line in joined.splitlines():
+        start = line.find(program + " ")
+        while start >= 0:
+            yield line[start:].split("`")[0]
+            start = line.find(program + " ", start + 1)
+
+
+def test_every_documented_viewer_command_uses_localhost():
+    docs = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    seen = 0
+    for doc in docs:
+        text = doc.read_text()
+        for cmd in _doc_commands(text, "ns-viewer --load-config"):
+            seen += 1
+            assert "--viewer.websocket-host 127.0.0.1" in cmd, (doc.name, cmd)
+        for cmd in _doc_commands(text, "--viewer.websocket-host"):
+            if "0.0.0.0" in cmd:  # only the paragraph that says what opening it exposes
+                assert doc.name == "nerfstudio.md" and "## Viewer exposure" in text, (doc.name, cmd)
+    assert seen >= 5

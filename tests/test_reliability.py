@@ -151,3 +151,78 @@ def test_every_documented_viewer_command_uses_localhost():
             if "0.0.0.0" in cmd:  # only the paragraph that says what opening it exposes
                 assert doc.name == "nerfstudio.md" and "## Viewer exposure" in text, (doc.name, cmd)
     assert seen >= 5
+
+
+# ---------------------------------------------------------------------------------------------- 2, 4, 6: mvfm-train
+
+from _mvfm_training_helpers import tiny_config  # noqa: E402
+from data_helpers import tiny_scene_path  # noqa: E402
+
+from mvfm_nerfstudio.errors import RunFolderError, TrainingDivergedError  # noqa: E402
+from mvfm_nerfstudio.training import Trainer  # noqa: E402
+
+
+def _train(out: Path, **kw):
+    base = dict(steps=2, checkpoint_every=1, keep_checkpoints=2, eval_sets=0)
+    return Trainer(tiny_config(tiny_scene_path(0), out, **{**base, **kw})).train()
+
+
+def test_a_non_empty_run_folder_is_refused_unless_resume_or_overwrite(tmp_path):
+    out = tmp_path / "run"
+    _train(out, steps=4)
+    first = (out / "adapters.safetensors").read_bytes()
+    with pytest.raises(RunFolderError, match="not empty.*--resume.*--overwrite"):
+        _train(out, steps=2, lr=3e-3)
+    assert (out / "adapters.safetensors").read_bytes() == first  # nothing of the earlier run was touched
+    _train(out, steps=2, lr=3e-3, overwrite=True)  # explicit: the earlier run's outputs are replaced ...
+    ckpts = sorted(p.name for p in (out / "checkpoints").iterdir())
+    # ... so rotation keeps the NEW run's checkpoints (before: the old run's step 3 and 4 survived)
+    assert ckpts == [f"step-000000{s}.{e}" for s in (1, 2) for e in ("safetensors", "state.pt")]
+    assert json.loads((out / "config.json").read_text())["lr"] == 3e-3
+
+
+def test_resume_refuses_a_changed_configuration_and_lists_the_fields(tmp_path):
+    out = tmp_path / "run"
+    _train(out, steps=2)
+    with pytest.raises(RunFolderError, match=r"(?s)another configuration.*lr: 0\.001 -> 0\.003.*seed: 0 -> 5"):
+        _train(out, steps=3, lr=3e-3, seed=5, resume=True)
+    resumed = Trainer(tiny_config(tiny_scene_path(0), out, steps=3, checkpoint_every=1, eval_sets=0, resume=True,
+                                  num_threads=1, progress=False))  # run-time fields may differ
+    resumed.setup()
+    assert resumed.step == 2
+
+
+def test_resume_falls_back_to_the_newest_checkpoint_that_verifies(tmp_path, capsys):
+    out = tmp_path / "run"
+    _train(out, steps=2)
+    latest = out / "checkpoints" / "step-0000002.state.pt"
+    latest.write_bytes(latest.read_bytes()[:200])  # a checkpoint truncated by a crash
+    capsys.readouterr()
+    trainer = Trainer(tiny_config(tiny_scene_path(0), out, steps=3, checkpoint_every=1, keep_checkpoints=2,
+                                  eval_sets=0, resume=True)).setup()
+    said = capsys.readouterr().out
+    assert trainer.step == 1
+    assert "step-0000002.state.pt does not verify" in said and "falling back to step-0000001.safetensors" in said
+    assert not latest.exists() and any(p.name.startswith("step-0000002.state.pt.corrupt-")
+                                       for p in latest.parent.iterdir())
+
+
+def test_a_non_finite_loss_stops_training_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    _train(out, steps=2)
+    good = {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()}
+    import mvfm_nerfstudio.training.trainer as trainer_module
+
+    real = trainer_module.location_loss
+    monkeypatch.setattr(trainer_module, "location_loss", lambda *a, **k: real(*a, **k) * float("nan"))
+    with pytest.raises(TrainingDivergedError, match=r"step 3: non-finite.*step-0000002\.safetensors"):
+        _train(out, steps=4, resume=True)
+    assert {p.name: p.read_bytes() for p in (out / "checkpoints").iterdir()} == good
+
+
+def test_two_views_point_to_holdout_every_0(tmp_path):
+    from mvfm_nerfstudio.data import load_scene
+
+    two = load_scene(tiny_scene_path(0)).subset([0, 1])
+    with pytest.raises(ValueError, match="--holdout-every 0"):
+        Trainer(tiny_config(tiny_scene_path(0), tmp_path / "o", holdout_every=8), scenes=[two]).setup()

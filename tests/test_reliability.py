@@ -226,3 +226,103 @@ def test_two_views_point_to_holdout_every_0(tmp_path):
     two = load_scene(tiny_scene_path(0)).subset([0, 1])
     with pytest.raises(ValueError, match="--holdout-every 0"):
         Trainer(tiny_config(tiny_scene_path(0), tmp_path / "o", holdout_every=8), scenes=[two]).setup()
+
+
+# ---------------------------------------------------------------------------------------------- 8: smaller ones
+
+
+def _console_scripts():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    return sorted(scripts.items())
+
+
+@pytest.mark.parametrize("name, target", _console_scripts())
+def test_every_console_script_uses_the_shared_cli_wrapper(name, target):
+    import importlib
+
+    module, func = target.split(":")
+    entry = getattr(importlib.import_module(module), func)
+    assert getattr(entry, "mvfm_cli", None) == name, f"{name}: decorate {target} with @cli_entrypoint({name!r})"
+
+
+def test_a_user_error_is_one_line_and_exit_2_with_traceback_only_under_debug(tmp_path, capsys):
+    from mvfm_nerfstudio.errors import SceneError
+    from mvfm_nerfstudio.scripts.train import entrypoint
+
+    args = ["--preset", "tiny-test", "--scenes", str(tmp_path / "no-such-scene"), "--output-dir", str(tmp_path / "o")]
+    with pytest.raises(SystemExit) as exit_info:
+        entrypoint(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mvfm-train: error: scene path") and "no-such-scene" in err
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 2 and "--debug" in err
+    with pytest.raises(SceneError, match="no-such-scene"):
+        entrypoint(args + ["--debug"])
+
+
+def test_make_scene_overwrite_replaces_only_a_generated_scene(tmp_path):
+    import dataclasses
+
+    from mvfm_nerfstudio.data.generator import make_scene, tiny_config as scene_config
+    from mvfm_nerfstudio.errors import SceneError
+
+    config = dataclasses.replace(scene_config(seed=0), num_views=2, write_colmap=False, overwrite=True)
+    unrelated = tmp_path / "mine"
+    unrelated.mkdir()
+    (unrelated / "thesis.tex").write_text("precious")
+    with pytest.raises(SceneError, match="not a scene written by mvfm-make-scene"):
+        make_scene(config, unrelated, progress=False)
+    assert (unrelated / "thesis.tex").read_text() == "precious"
+    scene = make_scene(config, tmp_path / "scene", progress=False)
+    (scene / "images" / "stale.png").write_bytes(b"x")
+    make_scene(config, scene, progress=False)  # a generated scene may be replaced
+    assert not (scene / "images" / "stale.png").exists() and (scene / "transforms.json").is_file()
+
+
+def test_segment_removes_only_its_own_stale_masks(tmp_path):
+    from mvfm_nerfstudio.segmentation import SegmentConfig, segment_scene
+
+    out = tmp_path / "seg"
+    for sub in ("masks", "similarity"):
+        (out / sub).mkdir(parents=True)
+        (out / sub / "old_view.png").write_bytes(b"stale")
+    (out / "masks" / "notes.png").write_bytes(b"not ours")
+    (out / "segment.json").write_text(json.dumps({"views": [{"mask": "masks/old_view.png"}]}))  # an earlier run
+    config = SegmentConfig(scene=tiny_scene_path(0), output_dir=out, query_view=0, query_pixel=(64, 2),
+                           features=_config(tmp_path, feature_resolution=8))
+    summary = segment_scene(config, progress=False)
+    masks = sorted(p.name for p in (out / "masks").iterdir())
+    assert "old_view.png" not in masks and not (out / "similarity" / "old_view.png").exists()
+    assert "notes.png" in masks  # not listed by an earlier run: left alone
+    assert len(masks) == summary["num_views"] + 1
+
+
+def test_degenerate_features_give_a_clear_segmentation_error():
+    from mvfm_nerfstudio.segmentation import segment_views
+
+    constant = [torch.ones(3, 4, 5) for _ in range(2)]
+    sizes = torch.tensor([[6, 8], [6, 8]])
+    with pytest.raises(ValueError, match="degenerate"):
+        segment_views(constant, sizes, torch.ones(5))
+    with pytest.raises(ValueError, match="query feature is zero"):
+        segment_views(constant, sizes, torch.zeros(5))
+
+
+def test_printed_viewer_command_is_shell_quoted(tmp_path):
+    import shlex
+
+    from mvfm_nerfstudio.nerfstudio_plugin.demo import viewer_command
+
+    config = tmp_path / "my runs" / "it's" / "config.yml"
+    assert shlex.split(viewer_command(config)) == ["ns-viewer", "--load-config", str(config),
+                                                  "--viewer.websocket-host", "127.0.0.1"]
+
+
+def test_a_missing_weights_file_in_the_feature_store_lists_the_weight_options(tmp_path):
+    from mvfm_nerfstudio.errors import WeightsUnavailableError
+
+    store = FeatureStore(_config(tmp_path, weights=str(tmp_path / "missing.safetensors")), _views(tmp_path))
+    with pytest.raises(WeightsUnavailableError, match=r"(?s)missing\.safetensors.*does not exist.*weights='random'"):
+        store.prepare()

@@ -326,3 +326,47 @@ def test_a_missing_weights_file_in_the_feature_store_lists_the_weight_options(tm
     store = FeatureStore(_config(tmp_path, weights=str(tmp_path / "missing.safetensors")), _views(tmp_path))
     with pytest.raises(WeightsUnavailableError, match=r"(?s)missing\.safetensors.*does not exist.*weights='random'"):
         store.prepare()
+
+
+# ---------------------------------------------------------------------------------------------- 5: ns-train inputs
+
+
+def _bad_scene(tmp_path: Path, damage: str) -> Path:
+    from data_helpers import copy_scene, edit_transforms
+
+    scene = copy_scene(tiny_scene_path(0), tmp_path / "scene")
+    if damage == "truncated-png":
+        img = scene / "images" / "frame_00002.png"
+        img.write_bytes(img.read_bytes()[: len(img.read_bytes()) // 2])
+    elif damage == "nan-pose":
+        edit_transforms(scene, lambda m: m["frames"][3]["transform_matrix"][0].__setitem__(3, float("nan")))
+    elif damage == "mixed-sizes":
+        img = scene / "images" / "frame_00005.png"
+        Image.open(img).resize((64, 48)).save(img)
+
+        def per_frame_sizes(meta):
+            for i, frame in enumerate(meta["frames"]):
+                frame["w"], frame["h"] = (64, 48) if i == 5 else (meta["w"], meta["h"])
+            del meta["w"], meta["h"]
+
+        edit_transforms(scene, per_frame_sizes)
+    return scene
+
+
+@pytest.mark.parametrize("damage, named", [
+    ("truncated-png", r"frame_00002\.png is corrupt or unreadable"),
+    ("nan-pose", r"pose of frame 3 \(images/frame_00003\.png\).*NaN"),
+    ("mixed-sizes", r"frame 5 .*frame_00005\.png.* is 64x48"),
+])
+def test_ns_train_datamanagers_name_the_bad_input_before_loading(tmp_path, damage, named):
+    from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
+
+    from mvfm_nerfstudio.errors import SceneError
+    from mvfm_nerfstudio.nerfstudio_plugin.datamanager import MVFMDataManager, MVFMDataManagerConfig
+
+    scene = _bad_scene(tmp_path, damage)
+    config = MVFMDataManagerConfig(dataparser=NerfstudioDataParserConfig(data=scene),
+                                   features=_config(tmp_path, feature_resolution=8))
+    with pytest.raises(SceneError, match=named):
+        MVFMDataManager(config)
+    assert not (tmp_path / "cache").exists()  # refused before any "cache miss -> computing"

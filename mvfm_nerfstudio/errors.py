@@ -6,7 +6,8 @@ Errors that belong to one layer live there: :class:`~mvfm_nerfstudio.geometry.ca
 
 from __future__ import annotations
 
-__all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError", "RunFolderError", "TrainingDivergedError"]
+__all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError", "RunFolderError",
+           "TrainingDivergedError"]
 
 
 class WeightsUnavailableError(RuntimeError):

@@ -194,7 +194,8 @@ def test_a_non_empty_run_folder_is_refused_unless_resume_or_overwrite(tmp_path):
 def test_resume_refuses_a_changed_configuration_and_lists_the_fields(tmp_path):
     out = tmp_path / "run"
     _train(out, steps=2)
-    with pytest.raises(_errors("RunFolderError"), match=r"(?s)another configuration.*lr: 0\.001 -> 0\.003.*seed: 0 -> 5"):
+    changed = r"(?s)another configuration.*lr: 0\.001 -> 0\.003.*seed: 0 -> 5"
+    with pytest.raises(_errors("RunFolderError"), match=changed):
         _train(out, steps=3, lr=3e-3, seed=5, resume=True)
     resumed = Trainer(tiny_config(tiny_scene_path(0), out, steps=3, checkpoint_every=1, eval_sets=0, resume=True,
                                   num_threads=1, progress=False))  # run-time fields may differ

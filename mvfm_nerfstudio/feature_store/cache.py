@@ -303,8 +303,8 @@ def write_bases(path: Path, display: PCABasis, reduction: Optional[PCABasis]) ->
 def write_meta(path: Path, meta: Dict[str, object]) -> None:
     """``meta.json`` of an entry, written last and atomically: it marks the entry complete. Adds what
     :func:`read_entry` verifies: every file's size (``files``) and the checksum of the (small) bases file."""
-    files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir()) if p.is_file() and not p.name.startswith(".")
-             and p.name != _META}
+    files = {p.name: p.stat().st_size for p in sorted(Path(path).iterdir())
+             if p.is_file() and not p.name.startswith(".") and p.name != _META}
     meta = {**meta, "files": files,
             "bases_blake2b": hashlib.blake2b((path / _BASES).read_bytes(), digest_size=16).hexdigest()}
     atomic_write(path / _META, json.dumps(meta, indent=1).encode())

@@ -130,7 +130,8 @@ def config_differences(stored: Dict[str, Any], config: TrainConfig) -> List[str]
     """``field: stored -> current`` for each field of ``stored`` (a :func:`config_to_dict`) that ``config`` changes,
     ignoring :data:`RUN_TIME_FIELDS` (and ``steps`` when the schedule is constant)."""
     current = config_to_dict(config)
-    allowed = set(RUN_TIME_FIELDS) | ({"steps"} if config.lr_schedule == "constant" and config.warmup_steps == 0 else set())
+    constant = config.lr_schedule == "constant"  # its learning rates do not depend on steps
+    allowed = set(RUN_TIME_FIELDS) | ({"steps"} if constant else set())
     out = []
     for key in sorted(set(stored) | set(current)):
         if key in allowed or key not in stored or key not in current:  # a field added later: its default applies

@@ -409,7 +409,8 @@ class Trainer:
                     raise RunFolderError(
                         f"--resume: the run in {self.output_dir} was trained with another configuration "
                         f"({state_path.name}):\n  " + "\n  ".join(differences)
-                        + "\nUse the run's flags (its config.json), or another --output-dir / --overwrite to start afresh"
+                        + "\nUse the run's flags (its config.json), or --overwrite / another --output-dir to start "
+                        "afresh"
                     )
                 if int(state.get("version", 0)) > STATE_VERSION:
                     raise RunFolderError(

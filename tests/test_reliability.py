@@ -101,10 +101,13 @@ def test_stale_scratch_of_a_killed_extraction_is_removed(tmp_path):
         (d / "sum.npy").write_bytes(b"0" * 1000)
     entry.mkdir(parents=True)
     stale_tmp = entry / f".features.npy.{dead.pid}.abc123_x.tmp"
-    stale_tmp.write_bytes(b"0" * 1000)
+    legacy_old, legacy_new = entry / ".features.npy.k2j4h5g6.tmp", entry / ".meta.json.a1b2c3d4.tmp"  # no pid
+    for f in (stale_tmp, legacy_old, legacy_new):
+        f.write_bytes(b"0" * 1000)
+    os.utime(legacy_old, (0, 0))  # a pid-less temporary file from 1970: stale
     store.prepare()
-    assert not stale_dir.exists() and not stale_tmp.exists()
-    assert live_dir.exists()
+    assert not stale_dir.exists() and not stale_tmp.exists() and not legacy_old.exists()
+    assert live_dir.exists() and legacy_new.exists()
     assert store.features is not None
 
 

@@ -163,20 +163,27 @@ def _npy_layout(path: Path) -> Tuple[Tuple[int, ...], np.dtype, int]:
         return tuple(shape), dtype, f.tell()
 
 
-def check_finite(features: np.ndarray, what: str, rows_per_chunk: int = 1 << 16) -> None:
-    """Raise ValueError naming ``what`` if ``features [N, h, w, D]`` hold NaN/inf or are all zero (one chunked pass:
-    memory stays bounded for memory-mapped arrays)."""
-    flat = features.reshape(-1, features.shape[-1])
+def check_finite(path: Path, offset: int, shape: Tuple[int, ...], chunk_bytes: int = 8 << 20) -> None:
+    """Raise ValueError naming ``path`` if its float16 ``shape`` array (data at byte ``offset``) holds NaN/inf or only
+    zeros. One pass with plain reads in chunks: memory stays bounded and no pages stay mapped into the process."""
+    per_view = int(np.prod(shape[1:])) * 2
     nonzero = False
-    for start in range(0, len(flat), rows_per_chunk):
-        block = np.asarray(flat[start:start + rows_per_chunk])
-        if not np.isfinite(block).all():
-            row = start + int(np.nonzero(~np.isfinite(block).all(-1))[0][0])
-            view = row // (features.shape[1] * features.shape[2])
-            raise ValueError(f"{what} holds non-finite values (NaN/inf), first in view {view}")
-        nonzero = nonzero or bool(np.any(block))
+    with open(path, "rb") as f:
+        f.seek(offset)
+        done = 0
+        while True:
+            block = f.read(chunk_bytes)
+            if not block:
+                break
+            values = np.frombuffer(block, dtype=np.float16)
+            finite = np.isfinite(values)
+            if not finite.all():
+                first = done + 2 * int(np.argmin(finite))
+                raise ValueError(f"{path} holds non-finite values (NaN/inf), first in view {first // per_view}")
+            nonzero = nonzero or bool(values.any())
+            done += len(block)
     if not nonzero:
-        raise ValueError(f"{what} holds only zeros")
+        raise ValueError(f"{path} holds only zeros")
 
 
 def read_entry(path: Path, num_images: int, grid: Tuple[int, int]) -> Optional[CacheEntry]:
@@ -231,12 +238,11 @@ def read_entry(path: Path, num_images: int, grid: Tuple[int, int]) -> Optional[C
         reduction = PCABasis.from_state(red) if red else None
     except Exception as err:  # safetensors raises its own types for damaged files
         raise CacheEntryError(path, f"{bases_path} is not a readable PCA basis ({type(err).__name__}: {err})") from None
-    feats = np.load(feats_path, mmap_mode="r")
     try:
-        check_finite(feats, str(feats_path))
+        check_finite(feats_path, offset, shape)
     except ValueError as err:
         raise CacheEntryError(path, str(err)) from None
-    return CacheEntry(feats, display, reduction, meta)
+    return CacheEntry(np.load(feats_path, mmap_mode="r"), display, reduction, meta)
 
 
 def quarantine_entry(path: Path) -> Path:
@@ -252,6 +258,8 @@ def quarantine_entry(path: Path) -> Path:
 
 _PARTIAL = re.compile(r"^\..+\.partial-(\d+)$")
 _TMP = re.compile(r"^\..+\.(\d+)\.[^.]+\.tmp$")  # utils.io.atomic_path: .<file>.<pid>.<random>.tmp
+_LEGACY_TMP = re.compile(r"^\..+\.[^.]+\.tmp$")  # written before the pid was in the name: stale after a day
+_LEGACY_AGE_S = 24 * 3600
 
 
 def _pid_alive(pid: int) -> bool:
@@ -270,7 +278,8 @@ def remove_stale_scratch(root: Path) -> list:
     """Remove extraction scratch left by processes that no longer run, in the cache folder ``root`` and its entries.
 
     Scratch is recognised by name: ``.<entry>.partial-<pid>/`` folders and ``.<file>.<pid>.<random>.tmp`` files;
-    only those whose ``<pid>`` is not a running process on this machine are removed. Returns the removed paths.
+    only those whose ``<pid>`` is not a running process on this machine are removed, and temporary files of the
+    older, pid-less form ``.<file>.<random>.tmp`` once a day old. Returns the removed paths.
     """
     root = Path(root)
     if not root.is_dir():
@@ -278,9 +287,13 @@ def remove_stale_scratch(root: Path) -> list:
     removed = []
     candidates = list(root.iterdir())
     candidates += [p for d in candidates if d.is_dir() and not d.name.startswith(".") for p in d.iterdir()]
+    now = time.time()
     for p in candidates:
         m = (_PARTIAL.match(p.name) if p.is_dir() else None) or (_TMP.match(p.name) if p.is_file() else None)
-        if m is None or _pid_alive(int(m.group(1))):
+        if m is not None:
+            if _pid_alive(int(m.group(1))):
+                continue
+        elif not (p.is_file() and _LEGACY_TMP.match(p.name) and now - p.stat().st_mtime > _LEGACY_AGE_S):
             continue
         if p.is_dir():
             shutil.rmtree(p, ignore_errors=True)

@@ -399,32 +399,32 @@ class Trainer:
             if self.is_main:
                 print(f"resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
             return
+        from safetensors.torch import load_file
+
         skipped = []
         for step, adapters, state_path in found:
-            try:
+            try:  # reading both files whole verifies them; a damaged one (truncated by a crash) is skipped
                 state = torch.load(state_path, map_location="cpu", weights_only=True)
                 stored = json.loads(state["config"])
-                differences = config_differences(stored, self.config)
-                if differences:
-                    raise RunFolderError(
-                        f"--resume: the run in {self.output_dir} was trained with another configuration "
-                        f"({state_path.name}):\n  " + "\n  ".join(differences)
-                        + "\nUse the run's flags (its config.json), or --overwrite / another --output-dir to start "
-                        "afresh"
-                    )
-                if int(state.get("version", 0)) > STATE_VERSION:
-                    raise RunFolderError(
-                        f"{state_path} was written by a newer mvfm-nerfstudio (state version {state['version']})")
-                self.model.load_adapters(adapters)
-            except RunFolderError:
-                raise
-            except Exception as err:  # a truncated or damaged file: fall back to an older checkpoint
+                load_file(str(adapters))
+            except Exception as err:  # torch, zipfile, pickle and safetensors raise many types for damaged files
                 skipped.append((adapters, state_path, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
                 continue
             break
         else:
             names = "\n  ".join(f"{a.name} / {s.name}: {why}" for a, s, why in skipped)
             raise RunFolderError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'} verifies:\n  {names}")
+        differences = config_differences(stored, self.config)
+        if differences:
+            raise RunFolderError(
+                f"--resume: the run in {self.output_dir} was trained with another configuration "
+                f"({state_path.name}):\n  " + "\n  ".join(differences)
+                + "\nUse the run's flags (its config.json), or --overwrite / another --output-dir to start afresh"
+            )
+        if int(state.get("version", 0)) > STATE_VERSION:
+            raise RunFolderError(
+                f"{state_path} was written by a newer mvfm-nerfstudio (state version {state['version']}): upgrade it")
+        self.model.load_adapters(adapters)  # a checkpoint that does not fit the model is an error, not damage
         if skipped and self.is_main:
             stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
             for a, s_path, why in skipped:

@@ -384,3 +384,16 @@ def test_ns_train_datamanagers_name_the_bad_input_before_loading(tmp_path, damag
     with pytest.raises(SceneError, match=named):
         MVFMDataManager(config)
     assert not (tmp_path / "cache").exists()  # refused before any "cache miss -> computing"
+
+
+def test_the_splat_datamanager_validates_the_scene_too(tmp_path):
+    from mvfm_nerfstudio.errors import SceneError
+    from mvfm_nerfstudio.nerfstudio_plugin.datamanager import MVFMFullImageDatamanager, MVFMFullImageDatamanagerConfig
+    from mvfm_nerfstudio.nerfstudio_plugin.splat_method import NerfstudioPlyDataParserConfig
+
+    scene = _bad_scene(tmp_path, "truncated-png")
+    config = MVFMFullImageDatamanagerConfig(dataparser=NerfstudioPlyDataParserConfig(data=scene),
+                                            features=_config(tmp_path, feature_resolution=8))
+    with pytest.raises(SceneError, match=r"frame_00002\.png is corrupt or unreadable"):
+        MVFMFullImageDatamanager(config)
+    assert not (tmp_path / "cache").exists()

@@ -262,7 +262,7 @@ class PosedScene:
         also finds truncated or corrupt image data. Raises :class:`SceneError` naming the first bad file.
         """
         for i, path in enumerate(self.image_paths):
-            size = tuple(read_image(path).shape[1:]) if decode_images else read_image_size(path)
+            size = read_image_size(path, decode=decode_images)
             if size != self.image_size(i):
                 raise SceneError(
                     f"image file {path} is {size[1]}x{size[0]} (WxH) but the scene metadata says "

@@ -41,7 +41,7 @@ def run_scene(scene: Path, args) -> dict:
         overrides["steps"] = args.steps
     preset = load_preset(args.preset)
     t0 = time.perf_counter()
-    ckpt = adapt_to_scene(scene, config=preset, output_dir=work, **overrides)
+    ckpt = adapt_to_scene(scene, config=preset, output_dir=work, overwrite=True, **overrides)  # a rerun retrains
     train_s = time.perf_counter() - t0
     t0 = time.perf_counter()
     payload = run_evaluation(EvalConfig(

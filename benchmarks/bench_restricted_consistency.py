@@ -57,7 +57,7 @@ def adapters_for(scene: Path, args) -> Path:
             shutil.copyfile(given, ckpt)  # a private copy: the source may be retrained meanwhile
             return ckpt
     preset = load_preset(args.preset)
-    return Path(adapt_to_scene(scene, config=preset, output_dir=work, weights="random", eval_sets=0,
+    return Path(adapt_to_scene(scene, config=preset, output_dir=work, overwrite=True, weights="random", eval_sets=0,
                                num_threads=args.threads, tensorboard=False, progress=not args.quiet,
                                checkpoint_every=10_000))
 

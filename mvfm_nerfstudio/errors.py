@@ -6,7 +6,8 @@ Errors that belong to one layer live there: :class:`~mvfm_nerfstudio.geometry.ca
 
 from __future__ import annotations
 
-__all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError"]
+__all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError", "RunFolderError",
+           "TrainingDivergedError"]
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -19,3 +20,12 @@ class CheckpointMismatchError(ValueError):
 
 class SceneError(ValueError):
     """Raised for invalid scenes: missing/corrupt files, bad poses, mismatched sizes, too few views."""
+
+
+class RunFolderError(ValueError):
+    """An output folder cannot be used as asked: it holds an earlier run (or unrelated files), or a resumed run's
+    stored configuration differs from the current one."""
+
+
+class TrainingDivergedError(RuntimeError):
+    """Training produced a non-finite loss or gradient; nothing of that step was written."""

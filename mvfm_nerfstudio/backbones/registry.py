@@ -21,8 +21,8 @@ DEFAULT_BACKBONE = "dinov2_vits14_reg"
 """The backbone every tool uses unless told otherwise: DINOv2 ViT-S/14 with registers, the paper's main model."""
 
 
-class UnknownBackboneError(KeyError):
-    """Raised for a backbone name that is not registered."""
+class UnknownBackboneError(KeyError, ValueError):
+    """Raised for a backbone name that is not registered (a ValueError too: a user error for the CLIs)."""
 
     def __str__(self) -> str:  # KeyError would print the repr of the message
         return str(self.args[0])

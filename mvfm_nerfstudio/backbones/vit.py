@@ -43,6 +43,7 @@ __all__ = [
     "FoundationBackbone",
     "TokenContext",
     "ImageSizeError",
+    "weights_options",
     "create_backbone",
     "backbone_from_state_dict",
     "hub_file",
@@ -87,7 +88,8 @@ class TokenContext:
     """Rotary position embedding (DINOv3 / Eva family)."""
 
 
-def _weights_options(spec: BackboneSpec) -> str:
+def weights_options(spec: BackboneSpec) -> str:
+    """The weight choices for ``spec`` (pretrained, a local file, FiT3D where published, random), for error messages."""
     return (
         "Choose one of:\n"
         f"  weights='pretrained'  timm weights '{spec.timm_pretrained_name}' from the Hugging Face cache or hub "
@@ -157,10 +159,10 @@ def _fit3d_file(spec: BackboneSpec) -> str:
     if spec.name not in FIT3D_FILES:
         raise WeightsUnavailableError(
             f"FiT3D has no fine-tuned backbone for {spec.name!r}; it has: {', '.join(sorted(FIT3D_FILES))}.\n"
-            + _weights_options(spec)
+            + weights_options(spec)
         )
     return hub_file(FIT3D_REPO, [FIT3D_FILES[spec.name]], f"FiT3D weights for backbone {spec.name!r}",
-                    _weights_options(spec) + "\nOr copy the Hugging Face cache (~/.cache/huggingface) from a "
+                    weights_options(spec) + "\nOr copy the Hugging Face cache (~/.cache/huggingface) from a "
                     "connected machine where the file was downloaded.")
 
 
@@ -205,7 +207,7 @@ def _create_timm_model(spec: BackboneSpec, tiny: bool, **kwargs) -> nn.Module:
 def _load_from_file(spec: BackboneSpec, path: Path, tiny: bool) -> nn.Module:
     if not path.is_file():
         raise WeightsUnavailableError(
-            f"weights file {str(path)!r} for backbone {spec.name!r} does not exist.\n{_weights_options(spec)}"
+            f"weights file {str(path)!r} for backbone {spec.name!r} does not exist.\n{weights_options(spec)}"
         )
     try:
         return _create_timm_model(spec, tiny, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
@@ -234,14 +236,14 @@ def _load_pretrained(spec: BackboneSpec, tiny: bool) -> nn.Module:
         raise WeightsUnavailableError(
             f"pretrained weights for backbone {spec.name!r} ({spec.timm_pretrained_name}) are not in the "
             "Hugging Face cache and the hub is not reachable (offline, or HF_HUB_OFFLINE=1).\n"
-            + _weights_options(spec)
+            + weights_options(spec)
         )
     try:
         return _create_timm_model(spec, tiny=False, pretrained=True)
     except Exception as err:
         raise WeightsUnavailableError(
             f"downloading pretrained weights for backbone {spec.name!r} ({spec.timm_pretrained_name}) failed: "
-            f"{type(err).__name__}: {err}\n" + _weights_options(spec)
+            f"{type(err).__name__}: {err}\n" + weights_options(spec)
         ) from err
 
 

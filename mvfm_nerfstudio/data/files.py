@@ -20,13 +20,16 @@ __all__ = ["read_image", "read_image_size", "read_depth_file", "read_label_file"
 Size = Tuple[int, int]
 
 
-def read_image_size(path: Path) -> Size:
-    """``(H, W)`` of an image file from its header; :class:`SceneError` naming the file if unreadable."""
+def read_image_size(path: Path, decode: bool = False) -> Size:
+    """``(H, W)`` of an image file from its header; :class:`SceneError` naming the file if unreadable. With
+    ``decode`` the pixel data are decoded too (and dropped), which also finds truncated or corrupt data."""
     from PIL import Image
 
     try:
         with Image.open(path) as im:
             w, h = im.size
+            if decode:
+                im.load()
     except FileNotFoundError:
         raise SceneError(f"image file {path} does not exist") from None
     except Exception as err:  # PIL raises several types for corrupt headers

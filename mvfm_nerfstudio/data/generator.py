@@ -48,6 +48,8 @@ from ..utils.runtime import single_threaded
 
 __all__ = [
     "SceneGeneratorConfig",
+    "SCENE_MARKER",
+    "is_generated_scene",
     "ProceduralObject",
     "ProceduralScene",
     "build_scene",
@@ -111,7 +113,8 @@ class SceneGeneratorConfig:
     colmap_points_per_view: int = 150
     """Surface points seeded per view for the COLMAP tracks."""
     overwrite: bool = False
-    """Replace an existing output folder."""
+    """Replace an existing output folder, only if it is a scene this generator wrote (it holds the marker file
+    .mvfm-generated-scene); any other non-empty folder is refused."""
 
 
 def tiny_config(seed: int = 0, **overrides) -> SceneGeneratorConfig:
@@ -589,9 +592,32 @@ def make_scene(config: SceneGeneratorConfig, output_dir: os.PathLike, progress: 
         return _make_scene(config, Path(output_dir), progress)
 
 
+SCENE_MARKER = ".mvfm-generated-scene"
+"""File the generator writes into every scene folder: ``overwrite`` replaces only folders holding it."""
+
+
+def is_generated_scene(folder: Path) -> bool:
+    """Whether ``folder`` is a scene this generator wrote (the marker file, or for scenes written before the marker
+    existed, a transforms.json with the generator's ``mvfm_generator`` record)."""
+    folder = Path(folder)
+    if (folder / SCENE_MARKER).is_file():
+        return True
+    try:
+        return "mvfm_generator" in json.loads((folder / "transforms.json").read_text())
+    except (OSError, ValueError):
+        return False
+
+
 def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) -> Path:
-    if output_dir.exists() and any(output_dir.iterdir()) and not config.overwrite:
-        raise SceneError(f"output folder {output_dir} exists and is not empty; pass overwrite=True (--overwrite)")
+    if output_dir.exists() and not output_dir.is_dir():
+        raise SceneError(f"output folder {output_dir} is a file")
+    if output_dir.exists() and any(output_dir.iterdir()):
+        if not config.overwrite:
+            raise SceneError(f"output folder {output_dir} exists and is not empty; pass overwrite=True (--overwrite) "
+                             "to replace a scene generated there")
+        if not is_generated_scene(output_dir):
+            raise SceneError(f"--overwrite refused: {output_dir} is not a scene written by mvfm-make-scene (no "
+                             f"{SCENE_MARKER} file); it is left untouched. Choose an empty or new --output-dir")
     if config.supersample < 1:
         raise SceneError(f"supersample must be >= 1, got {config.supersample}")
     scene = build_scene(config)
@@ -653,6 +679,7 @@ def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) 
         objects = {"background_id": 0, "objects": [o.to_json() for o in scene.objects],
                    "light_direction": scene.light.tolist()}
         (tmp / "objects.json").write_text(json.dumps(objects, indent=1))
+        (tmp / SCENE_MARKER).write_text("written by mvfm-make-scene; --overwrite may replace this folder\n")
         if config.write_colmap:
             rng = np.random.default_rng(config.seed + 104729)
             tracks = _colmap_tracks(renders, k, c2w, rng, config.colmap_points_per_view)

@@ -255,13 +255,14 @@ class PosedScene:
         h, w = self.image_sizes[index].tolist()
         return int(h), int(w)
 
-    def check_files(self, check_depth: bool = True) -> None:
+    def check_files(self, check_depth: bool = True, decode_images: bool = False) -> None:
         """Check every image (and depth/label) file exists, is readable and has the stated size.
 
-        Only file headers are read. Raises :class:`SceneError` naming the first bad file.
+        Only file headers are read, unless ``decode_images``: then every image is decoded once (one at a time), which
+        also finds truncated or corrupt image data. Raises :class:`SceneError` naming the first bad file.
         """
         for i, path in enumerate(self.image_paths):
-            size = read_image_size(path)
+            size = read_image_size(path, decode=decode_images)
             if size != self.image_size(i):
                 raise SceneError(
                     f"image file {path} is {size[1]}x{size[0]} (WxH) but the scene metadata says "

@@ -147,7 +147,10 @@ def prepare_scene(
     else:
         train, held = list(range(len(scene))), []
     if len(train) < 2:
-        raise ValueError(f"scene {scene.name!r}: only {len(train)} training views after the split; need >= 2")
+        hint = (f"; with {len(scene)} views hold none out: --holdout-every 0 (holdout_every=0)"
+                if held and len(scene) >= 2 else "")
+        raise ValueError(f"scene {scene.name!r}: only {len(train)} training views after the split "
+                         f"({len(held)} held out); need >= 2{hint}")
     batch = scene.load_views(range(len(scene)), size=size)
     return SceneData(
         scene=scene, size=size, images=batch.images, intrinsics=batch.intrinsics,

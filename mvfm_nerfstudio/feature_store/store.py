@@ -13,7 +13,8 @@ from ..features import PCABasis
 from ..geometry.feature_grid import bilinear_taps, grid_for_long_side
 from ..models.build import fixed_feature_grid
 from ..utils.runtime import DeviceLike, resolve_device
-from .cache import CacheEntry, cache_key, entry_path, key_ingredients, read_entry
+from .cache import (CacheEntry, CacheEntryError, cache_key, entry_path, key_ingredients, quarantine_entry, read_entry,
+                    remove_stale_scratch)
 from .config import FeatureStoreConfig, ViewSource
 from .extract import compute_entry
 
@@ -75,10 +76,13 @@ class FeatureStore:
 
     # ------------------------------------------------------------------ load / compute
     def prepare(self) -> "FeatureStore":
-        """Load the cache entry for the current key, computing it first if absent.
+        """Load the cache entry for the current key, computing it first if absent or corrupt.
 
-        Inside a distributed job (``torch.distributed`` initialised, e.g. a multi-GPU ``ns-train``) only
-        rank 0 computes a missing entry; the other ranks wait at a barrier and then load it.
+        An entry that does not verify (:func:`~.cache.read_entry`) is reported by path, moved aside to
+        ``<entry>.corrupt-<time>`` and recomputed; scratch of killed extractions in the cache folder is removed
+        first (:func:`~.cache.remove_stale_scratch`). Inside a distributed job (``torch.distributed``
+        initialised, e.g. a multi-GPU ``ns-train``) only rank 0 does this and computes a missing entry; the other
+        ranks wait at a barrier and then load it.
         """
         from rich.console import Console
 
@@ -87,7 +91,9 @@ class FeatureStore:
         self.path = path
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
         if not distributed or dist.get_rank() == 0:
-            if self._try_load(path):
+            for stale in remove_stale_scratch(path.parent):
+                console.print(f"MVFM feature cache: removed scratch of a killed extraction: {stale}", soft_wrap=True)
+            if self._try_load(path, console):
                 self.cache_hit = True
                 console.print(f"[bold]MVFM feature cache: hit[/bold] {path}")
             else:
@@ -96,17 +102,37 @@ class FeatureStore:
                                                     self.cache_key(), self._ingredients)
         if distributed:
             dist.barrier()
-        if self.features is None and not self._try_load(path):
-            raise RuntimeError(f"feature cache entry {path} was written but cannot be read back")
+        if self.features is None:
+            try:
+                entry = read_entry(path, len(self.views), self.grid)
+            except CacheEntryError as err:
+                raise RuntimeError(
+                    f"the feature cache entry just computed does not verify: {err.problem}. The model "
+                    f"(backbone {self.config.backbone!r}, weights {self.config.weights!r}, adapters "
+                    f"{self.config.adapters!r}) gives unusable features for these views"
+                ) from None
+            if entry is None:
+                raise RuntimeError(f"feature cache entry {path} was written but cannot be read back")
+            self._use(entry)
         return self
 
-    def _try_load(self, path: Path) -> bool:
-        entry: Optional[CacheEntry] = read_entry(path, len(self.views), self.grid)
+    def _try_load(self, path: Path, console) -> bool:
+        """Load a verified entry; a corrupt one is reported, moved aside, and False returned (recompute)."""
+        try:
+            entry: Optional[CacheEntry] = read_entry(path, len(self.views), self.grid)
+        except CacheEntryError as err:
+            aside = quarantine_entry(path)
+            console.print(f"[bold red]MVFM feature cache: corrupt entry[/bold red] {path}: {err.problem}\n"
+                          f"  moved aside to {aside}; recomputing", soft_wrap=True, highlight=False)
+            return False
         if entry is None:
             return False
+        self._use(entry)
+        return True
+
+    def _use(self, entry: CacheEntry) -> None:
         self.features, self.meta = entry.features, entry.meta
         self.display_basis, self.reduction_basis = entry.display_basis, entry.reduction_basis
-        return True
 
     # ------------------------------------------------------------------ access
     def _require(self) -> np.ndarray:

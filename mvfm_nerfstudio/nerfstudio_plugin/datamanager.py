@@ -24,6 +24,11 @@ dataset's metadata, which the pipeline hands to the model:
   :class:`~mvfm_nerfstudio.features.PCABasis`) for fixed-colour ``feature_pca`` renders.
 
 Evaluation batches carry no features (the feature loss is a training signal only).
+
+Before Nerfstudio reads anything, both validate the scene with the package's own readers
+(:func:`validate_scene`: poses, intrinsics, every image decoded once, one image size for the ray-based one), so a
+bad input is a :class:`~mvfm_nerfstudio.errors.SceneError` naming the frame and file, not an error deep inside
+Nerfstudio's loaders or collate, and never after a "cache miss -> computing".
 """
 
 from __future__ import annotations
@@ -41,6 +46,8 @@ from nerfstudio.data.datamanagers.full_images_datamanager import FullImageDatama
 from nerfstudio.data.dataparsers.nerfstudio_dataparser import NerfstudioDataParserConfig
 from nerfstudio.utils.rich_utils import CONSOLE
 
+from ..data.readers import load_scene
+from ..errors import SceneError
 from ..feature_store import FeatureStore, FeatureStoreConfig, ViewSource, describe
 from ..geometry.cameras import opengl_to_opencv, to_homogeneous
 from .feature_head import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
@@ -51,7 +58,37 @@ __all__ = [
     "MVFMFullImageDatamanagerConfig",
     "MVFMFullImageDatamanager",
     "view_source_from_dataset",
+    "validate_scene",
 ]
+
+
+def validate_scene(dataparser_config, one_image_size: bool) -> None:
+    """Check the scene a Nerfstudio dataparser will read with the package's validators (they name frame and file).
+
+    For the Nerfstudio (transforms.json) and COLMAP dataparsers: every pose and intrinsic finite and valid, every image
+    present and decodable with its stated size, and (``one_image_size``, the ray-based datamanager, whose batches
+    stack pixels of all images) one size for all images. Other dataparsers are left to Nerfstudio.
+
+    Raises:
+        SceneError: naming the first bad frame or file.
+    """
+    from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
+
+    if not isinstance(dataparser_config, (NerfstudioDataParserConfig, ColmapDataParserConfig)):
+        return
+    data = Path(dataparser_config.data)
+    if not data.exists():
+        raise SceneError(f"--data {data} does not exist")
+    scene = load_scene(data, tracks=False, check_files=False)
+    scene.check_files(check_depth=False, decode_images=True)
+    sizes = [tuple(int(v) for v in s) for s in scene.image_sizes.tolist()]
+    if one_image_size and len(set(sizes)) > 1:
+        odd = next(i for i, s in enumerate(sizes) if s != sizes[0])
+        raise SceneError(
+            f"scene {data}: images differ in size: frame {odd} ({scene.image_paths[odd]}) is "
+            f"{sizes[odd][1]}x{sizes[odd][0]}, frame 0 ({scene.image_paths[0]}) is {sizes[0][1]}x{sizes[0][0]} (WxH); "
+            "mvfm-features needs one image size: resize the images to one size (or train with mvfm-splat)"
+        )
 
 
 def view_source_from_dataset(dataset, load_image, data_root: Path, extra_key: Dict[str, object]) -> ViewSource:
@@ -126,6 +163,7 @@ class MVFMDataManager(VanillaDataManager):
     config: MVFMDataManagerConfig
 
     def __init__(self, config: MVFMDataManagerConfig, device="cpu", test_mode="val", world_size=1, local_rank=0, **kw):
+        validate_scene(config.dataparser, one_image_size=True)
         super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kw)
         ds = self.train_dataset
         source = view_source_from_dataset(
@@ -169,6 +207,7 @@ class MVFMFullImageDatamanager(FullImageDatamanager):
             # Nerfstudio pins 'cpu'-cached images, which needs CUDA; without it the training device is the CPU.
             CONSOLE.print("No CUDA: caching images on the training device (cache_images='gpu') instead of pinned memory")
             config = dataclasses.replace(config, cache_images="gpu")  # a copy: the caller's config stays as given
+        validate_scene(config.dataparser, one_image_size=False)
         super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kw)
         ds = self.train_dataset
         distorted = ds.cameras.distortion_params is not None and bool((ds.cameras.distortion_params != 0).any())

@@ -15,13 +15,14 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import tyro
 
 from ..backbones.vit import create_backbone
 from ..errors import CheckpointMismatchError, WeightsUnavailableError
 from ..models.build import ModelSpec
+from ..utils.cli import cli_entrypoint
 from ..utils.runtime import resolve_device
 
 
@@ -119,6 +120,13 @@ def build_config(args: DemoArgs, scene: Path):
     return config
 
 
+def viewer_command(config_path: Path) -> str:
+    """The ``ns-viewer`` command that opens a run on this machine only, shell-quoted (paths may hold spaces)."""
+    import shlex
+
+    return shlex.join(["ns-viewer", "--load-config", str(config_path), "--viewer.websocket-host", "127.0.0.1"])
+
+
 def main(args: DemoArgs) -> Path:
     """Run the demo; returns the Nerfstudio ``config.yml`` of the trained run."""
     start = time.perf_counter()
@@ -143,7 +151,7 @@ def main(args: DemoArgs) -> Path:
     minutes = (time.perf_counter() - start) / 60
     print(
         f"\nmvfm-demo: done in {minutes:.1f} min. Open the result in the Nerfstudio viewer:\n"
-        f"  ns-viewer --load-config {config_path} --viewer.websocket-host 127.0.0.1\n"
+        f"  {viewer_command(config_path)}\n"
         "then browse to http://127.0.0.1:7007 (from another machine: ssh -L 7007:127.0.0.1:7007 <host>).\n"
         "Output types: 'feature_pca' (fixed-colour features), 'rgb', 'depth'; 'similarity' and 'segmentation' "
         "appear once a query feature is set."
@@ -151,8 +159,9 @@ def main(args: DemoArgs) -> Path:
     return config_path
 
 
-def entrypoint() -> None:
-    main(tyro.cli(DemoArgs))
+@cli_entrypoint("mvfm-demo")
+def entrypoint(argv: Optional[List[str]] = None) -> None:
+    main(tyro.cli(DemoArgs, args=argv))
 
 
 if __name__ == "__main__":

@@ -58,7 +58,9 @@ def mvfm_features_config() -> TrainerConfig:
             "feature_field": _adam(1e-2, 1e-4, 200000),
             "camera_opt": _adam(1e-3, 1e-4, 5000),
         },
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        # the viewer listens on this machine only (Nerfstudio's default, 0.0.0.0, serves every interface): open
+        # it deliberately with --viewer.websocket-host 0.0.0.0 (docs/nerfstudio.md, "Viewer exposure")
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, websocket_host="127.0.0.1"),
         vis="viewer",
     )
 

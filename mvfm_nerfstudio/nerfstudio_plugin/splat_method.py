@@ -111,7 +111,9 @@ def mvfm_splat_config() -> TrainerConfig:
             "camera_opt": _adam(1e-4, FloatExponentialDecaySchedulerConfig(lr_final=5e-7, max_steps=max_steps,
                                                                            warmup_steps=1000, lr_pre_warmup=0)),
         },
-        viewer=ViewerConfig(num_rays_per_chunk=1 << 15),
+        # the viewer listens on this machine only (Nerfstudio's default, 0.0.0.0, serves every interface): open
+        # it deliberately with --viewer.websocket-host 0.0.0.0 (docs/nerfstudio.md, "Viewer exposure")
+        viewer=ViewerConfig(num_rays_per_chunk=1 << 15, websocket_host="127.0.0.1"),
         vis="viewer",
     )
 

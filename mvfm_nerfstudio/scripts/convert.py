@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from mvfm_nerfstudio.utils.cli import cli_entrypoint
+
 
 @dataclass
 class ConvertArgs:
@@ -58,6 +60,7 @@ def main(args: ConvertArgs) -> Path:
     return args.output
 
 
+@cli_entrypoint("mvfm-convert")
 def entrypoint(argv: Optional[List[str]] = None) -> None:
     import tyro
 

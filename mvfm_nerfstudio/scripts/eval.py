@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from mvfm_nerfstudio.utils.cli import cli_entrypoint
+
 
 def print_table(payload) -> None:
     """Rich table of per-scene base vs MVFM metrics."""
@@ -34,6 +36,7 @@ def print_table(payload) -> None:
     Console().print(table)
 
 
+@cli_entrypoint("mvfm-eval")
 def entrypoint(argv: Optional[List[str]] = None) -> None:
     import tyro
 

@@ -4,8 +4,11 @@ Hugging Face cache (so usable offline)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List, Optional
 
 import tyro
+
+from mvfm_nerfstudio.utils.cli import cli_entrypoint
 
 
 @dataclass
@@ -61,8 +64,9 @@ def main(args: InfoArgs) -> None:
                   "(~/.cache/huggingface/hub) here, or pass local files (see README, 'Use the published models').")
 
 
-def entrypoint() -> None:
-    main(tyro.cli(InfoArgs))
+@cli_entrypoint("mvfm-info")
+def entrypoint(argv: Optional[List[str]] = None) -> None:
+    main(tyro.cli(InfoArgs, args=argv))
 
 
 if __name__ == "__main__":

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import shlex
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import List, Optional
 
 import tyro
 
 from mvfm_nerfstudio.data.generator import SceneGeneratorConfig
+from mvfm_nerfstudio.utils.cli import cli_entrypoint
 
 
 @dataclass
@@ -35,13 +38,15 @@ def main(args: MakeSceneArgs) -> Path:
     console.print(
         f"[green]Wrote {len(scene)} views of {config.width}x{config.height} with depth and object ids{tracks} "
         f"to {out} in {time.perf_counter() - start:.1f} s[/green]\n"
-        f"Train on it with: ns-train nerfacto --data {out} (depth: ns-train depth-nerfacto --data {out})"
+        f"Train on it with: {shlex.join(['ns-train', 'nerfacto', '--data', str(out)])} "
+        f"(depth: {shlex.join(['ns-train', 'depth-nerfacto', '--data', str(out)])})"
     )
     return out
 
 
-def entrypoint() -> None:
-    main(tyro.cli(MakeSceneArgs))
+@cli_entrypoint("mvfm-make-scene")
+def entrypoint(argv: Optional[List[str]] = None) -> None:
+    main(tyro.cli(MakeSceneArgs, args=argv))
 
 
 if __name__ == "__main__":

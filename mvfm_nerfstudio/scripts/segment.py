@@ -16,7 +16,10 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from mvfm_nerfstudio.utils.cli import cli_entrypoint
 
+
+@cli_entrypoint("mvfm-segment")
 def entrypoint(argv: Optional[List[str]] = None) -> None:
     import tyro
     from rich.console import Console

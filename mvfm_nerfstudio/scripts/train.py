@@ -14,8 +14,9 @@ flag overrides them.
 from __future__ import annotations
 
 import argparse
-import sys
 from typing import List, Optional
+
+from mvfm_nerfstudio.utils.cli import cli_entrypoint
 
 
 def _print_summary(results) -> None:
@@ -31,13 +32,13 @@ def _print_summary(results) -> None:
     Console().print(table)
 
 
+@cli_entrypoint("mvfm-train")
 def entrypoint(argv: Optional[List[str]] = None) -> None:
     import tyro
 
     from mvfm_nerfstudio.training.config import TrainConfig, list_presets, load_preset
     from mvfm_nerfstudio.training.trainer import Trainer
 
-    argv = sys.argv[1:] if argv is None else list(argv)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default=None)
     known, rest = pre.parse_known_args(argv)

@@ -97,10 +97,20 @@ def segment_views(
         query: ``[D]``.
         threshold: cosine threshold; None = Otsu on the pooled full-resolution similarities of all views.
         bins: histogram bins over [-1, 1] for Otsu.
+
+    Raises:
+        ValueError: a zero or non-finite query, or features whose similarity to it is the same everywhere.
     """
     n = len(image_sizes)
     get = feature_maps if callable(feature_maps) else feature_maps.__getitem__
+    if not bool(torch.isfinite(query).all()) or float(query.float().norm()) < 1e-8:
+        raise ValueError("the query feature is zero or not finite: nothing to compare the views with "
+                         "(a degenerate feature map or query file)")
     grids = [similarity_grid(get(i), query) for i in range(n)]
+    low, high = min(float(g.min()) for g in grids), max(float(g.max()) for g in grids)
+    if not high - low > 1e-4:  # also catches NaN
+        raise ValueError(f"the features are degenerate: the similarity to the query is {low:.4f}..{high:.4f} in "
+                         f"every cell of all {n} views (features all zero or constant), so no mask can be drawn")
     if threshold is not None:
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")

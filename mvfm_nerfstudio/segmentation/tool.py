@@ -106,6 +106,21 @@ def write_outputs(
     return {"views": rows, "overview_views": views}
 
 
+def _remove_previous_outputs(output_dir: Path) -> None:
+    """Delete the masks and similarity maps an earlier run listed in ``output_dir/segment.json`` (only those: other
+    files stay), so a new run on fewer or other views leaves no stale masks beside its own."""
+    summary_path = output_dir / "segment.json"
+    try:
+        earlier = json.loads(summary_path.read_text())
+        rows = [row["mask"] for row in earlier.get("views", [])]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return  # no earlier run here (or not ours): touch nothing
+    for mask in rows:
+        name = Path(mask).name
+        for sub in ("masks", "similarity"):
+            (output_dir / sub / name).unlink(missing_ok=True)
+
+
 def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, object]:
     """Run ``mvfm-segment`` (see the module docstring); returns the summary also written to ``segment.json``."""
     fcfg = config.features
@@ -155,7 +170,11 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
     output_dir = Path(config.output_dir)
     save_query(output_dir / "query_feature.safetensors", QueryFeature(query, full, meta))
 
-    seg = segment_views(store.feature_map, scene.image_sizes, query, config.threshold)
+    try:
+        seg = segment_views(store.feature_map, scene.image_sizes, query, config.threshold)
+    except ValueError as err:
+        raise ValueError(f"{err}. Features: {store.path} (query: {source})") from None
+    _remove_previous_outputs(output_dir)
     written = write_outputs(seg, scene.load_image, scene.image_paths, output_dir,
                             config.query_view if by_pixel else None, xy, config.overview_max_views,
                             config.overview_thumb_width, progress)

@@ -18,7 +18,8 @@ import yaml
 from ..models.build import ModelSpec
 from ..models.config import MVFMConfig
 
-__all__ = ["TrainConfig", "list_presets", "load_preset", "config_to_dict", "config_from_dict"]
+__all__ = ["TrainConfig", "RUN_TIME_FIELDS", "list_presets", "load_preset", "config_to_dict", "config_from_dict",
+           "config_differences"]
 
 _PRESET_PACKAGE = "mvfm_nerfstudio.configs.train"
 
@@ -87,7 +88,11 @@ class TrainConfig(ModelSpec):
     eval_sets: int = 16
     """Held-out view sets per scene for evaluation during training."""
     resume: bool = False
-    """Continue from the newest checkpoint in output_dir (bit-exact with an uninterrupted run on CPU)."""
+    """Continue from the newest checkpoint in output_dir that verifies (bit-exact with an uninterrupted run on CPU).
+    The stored configuration must match this one (run-time fields such as device, threads and logging may differ)."""
+    overwrite: bool = False
+    """Start afresh in a non-empty output_dir, deleting the earlier run's outputs (adapters, config, metrics,
+    checkpoints, tensorboard). Without it (or --resume) a non-empty output_dir is refused."""
     num_threads: int = 0
     """Torch CPU threads per process while training (0 = leave torch's setting). On a busy machine fewer
     threads can be much faster."""
@@ -115,6 +120,25 @@ def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
 
 
 _PATH_FIELDS = {"output_dir"}
+
+RUN_TIME_FIELDS = ("device", "num_threads", "progress", "tensorboard", "resume", "overwrite", "output_dir",
+                   "eval_every", "eval_sets", "log_every", "checkpoint_every", "keep_checkpoints")
+"""Fields a resumed run may change: they do not change what is trained (``steps`` too, with a constant schedule)."""
+
+
+def config_differences(stored: Dict[str, Any], config: TrainConfig) -> List[str]:
+    """``field: stored -> current`` for each field of ``stored`` (a :func:`config_to_dict`) that ``config`` changes,
+    ignoring :data:`RUN_TIME_FIELDS` (and ``steps`` when the schedule is constant)."""
+    current = config_to_dict(config)
+    constant = config.lr_schedule == "constant"  # its learning rates do not depend on steps
+    allowed = set(RUN_TIME_FIELDS) | ({"steps"} if constant else set())
+    out = []
+    for key in sorted(set(stored) | set(current)):
+        if key in allowed or key not in stored or key not in current:  # a field added later: its default applies
+            continue
+        if stored[key] != current[key]:
+            out.append(f"{key}: {stored[key]!r} -> {current[key]!r}")
+    return out
 
 
 def config_from_dict(d: Dict[str, Any], base: Optional[TrainConfig] = None) -> TrainConfig:

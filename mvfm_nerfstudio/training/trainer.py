@@ -9,7 +9,12 @@
 * Checkpoints: ``checkpoints/step-XXXXXXX.safetensors`` (adapters, loadable with
   ``create_mvfm(..., adapters=...)``) and ``step-XXXXXXX.state.pt`` (optimiser state, step, RNG
   states; ``torch.load(weights_only=True)``), both written atomically. ``resume=True`` restores
-  them and continues bit-exactly on CPU.
+  them and continues bit-exactly on CPU, from the newest checkpoint that verifies (a damaged newer one is
+  named, moved aside and skipped), after checking the stored configuration matches.
+* Run folder: a non-empty ``output_dir`` is refused unless ``resume`` or ``overwrite`` (which deletes the
+  earlier run's outputs first), so two runs never mix (outputs, checkpoint rotation).
+* A non-finite loss or gradient stops training (:class:`~mvfm_nerfstudio.errors.TrainingDivergedError`) before
+  the optimiser step: the last good checkpoint stays as it was.
 * Multi-process: launch with ``torchrun --nproc-per-node N mvfm-train ...`` (gloo on CPU,
   nccl on GPU); gradients are averaged by ``DistributedDataParallel``.
 """
@@ -30,16 +35,17 @@ import torch
 import torch.distributed as dist
 
 from ..data.scene_data import SceneData, SceneLike, ViewSet, build_view_sets, heldout_view_sets, prepare_scene
+from ..errors import RunFolderError, TrainingDivergedError
 from ..evaluation.evaluate import evaluate_sets
 from ..models.build import build_model
 from ..models.mvfm import MultiViewFoundationModel
 from ..utils.io import atomic_path, atomic_write
 from ..utils.progress import make_progress
 from ..utils.runtime import compute_precision, torch_threads
-from .config import TrainConfig, config_to_dict
+from .config import TrainConfig, config_differences, config_to_dict
 from .losses import base_regularizer, info_nce_loss, location_loss
 
-__all__ = ["Trainer", "latest_checkpoint", "model_metadata"]
+__all__ = ["Trainer", "latest_checkpoint", "list_checkpoints", "model_metadata", "RUN_OUTPUTS"]
 
 STATE_VERSION = 1
 _CKPT = re.compile(r"step-(\d{7})\.state\.pt$")
@@ -58,16 +64,26 @@ def model_metadata(config: TrainConfig, step: int, extra: Optional[Dict[str, str
     return meta
 
 
-def latest_checkpoint(output_dir: Path) -> Optional[Tuple[int, Path, Path]]:
-    """Newest complete checkpoint ``(step, adapters.safetensors, state.pt)`` in ``output_dir/checkpoints``."""
+RUN_OUTPUTS = ("adapters.safetensors", "config.json", "heldout_metrics.json", "checkpoints", "tensorboard")
+"""What a training run writes into its ``output_dir`` (``overwrite`` deletes exactly these)."""
+
+
+def list_checkpoints(output_dir: Path) -> List[Tuple[int, Path, Path]]:
+    """Complete checkpoints ``(step, adapters.safetensors, state.pt)`` in ``output_dir/checkpoints``, newest first."""
     folder = Path(output_dir) / "checkpoints"
-    best = None
+    found = []
     for p in folder.glob("step-*.state.pt") if folder.is_dir() else []:
         m = _CKPT.search(p.name)
         adapters = p.with_name(p.name.replace(".state.pt", ".safetensors"))
-        if m and adapters.is_file() and (best is None or int(m.group(1)) > best[0]):
-            best = (int(m.group(1)), adapters, p)
-    return best
+        if m and adapters.is_file():
+            found.append((int(m.group(1)), adapters, p))
+    return sorted(found, reverse=True)
+
+
+def latest_checkpoint(output_dir: Path) -> Optional[Tuple[int, Path, Path]]:
+    """Newest complete checkpoint ``(step, adapters.safetensors, state.pt)`` in ``output_dir/checkpoints``."""
+    found = list_checkpoints(output_dir)
+    return found[0] if found else None
 
 
 class Trainer:
@@ -139,6 +155,7 @@ class Trainer:
     def _setup(self) -> None:
         cfg = self.config
         _check_config(cfg)
+        self._claim_output_dir()
         self.device = cfg.resolve_device()
         self._init_distributed(self.device)
         if self._given_model is not None:
@@ -168,6 +185,31 @@ class Trainer:
         if cfg.resume:
             self._resume()
         self._setup_done = True
+
+    def _claim_output_dir(self) -> None:
+        """Refuse a non-empty run folder unless resuming or overwriting; with ``overwrite`` delete the earlier run's
+        outputs (only :data:`RUN_OUTPUTS`; anything else in the folder is left alone)."""
+        cfg, out = self.config, self.output_dir
+        if cfg.resume and cfg.overwrite:
+            raise RunFolderError("--resume and --overwrite contradict each other: pass one")
+        if cfg.resume or not out.is_dir() or not any(out.iterdir()):
+            return
+        if not cfg.overwrite:
+            held = sorted(p.name for p in out.iterdir())
+            raise RunFolderError(
+                f"output folder {out} is not empty (holds {', '.join(held[:6])}{', ...' if len(held) > 6 else ''}): "
+                "pass --resume to continue the run in it, --overwrite to replace it, or another --output-dir"
+            )
+        if self.single_process or int(os.environ.get("RANK", "0")) == 0:  # one process deletes
+            import shutil
+
+            for name in RUN_OUTPUTS:
+                p = out / name
+                if p.is_dir():
+                    shutil.rmtree(p)
+                elif p.exists():
+                    p.unlink()
+            print(f"overwrite: deleted the earlier run's outputs in {out}")
 
     # ------------------------------------------------------------------ schedule and sampling
     def lr_at(self, step: int) -> float:
@@ -224,12 +266,21 @@ class Trainer:
             sums += torch.stack([x.detach().to(sums) for x in (loss, l_loc, l_reg, l_nce)])
         max_norm = cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(self.trainable, max_norm)
-        self.optimizer.step()
         sums /= len(batch)
-        if self.distributed:
+        if self.distributed:  # before the optimiser step: every rank sees the same sums and stops together
             dist.all_reduce(sums)
             sums /= self.world_size
         loss, location, regularizer, info_nce, grad_norm = torch.cat([sums, grad_norm.to(sums)[None]]).tolist()
+        if not all(math.isfinite(v) for v in (loss, location, regularizer, info_nce, grad_norm)):
+            last = latest_checkpoint(self.output_dir)
+            raise TrainingDivergedError(
+                f"step {step + 1}: non-finite training values (loss {loss}, location {location}, regulariser "
+                f"{regularizer}, InfoNCE {info_nce}, gradient norm {grad_norm}); stopped before the optimiser step, "
+                f"nothing of this step was written. Last good checkpoint: "
+                f"{last[1] if last else 'none (no checkpoint yet)'}. Hint: lower --lr, raise --temperature, or "
+                "check the scenes' poses and images"
+            )
+        self.optimizer.step()
         return {"loss": loss, "location": location, "regularizer": regularizer, "info_nce": info_nce,
                 "grad_norm": grad_norm, "lr": self.lr_at(step)}
 
@@ -334,22 +385,54 @@ class Trainer:
             torch.save(state, tmp)
         if self.config.keep_checkpoints > 0:
             steps = sorted(int(m.group(1)) for p in folder.glob("step-*.state.pt") if (m := _CKPT.search(p.name)))
-            for old in steps[: -self.config.keep_checkpoints]:
+            # steps beyond this one belong to an abandoned history (e.g. after falling back to an older checkpoint)
+            kept = [s for s in steps if s <= self.step][-self.config.keep_checkpoints:]
+            for old in (s for s in steps if s not in kept):
                 for suffix in (".safetensors", ".state.pt"):
                     (folder / f"step-{old:07d}{suffix}").unlink(missing_ok=True)
         return adapters
 
     def _resume(self) -> None:
-        found = latest_checkpoint(self.output_dir)
-        if found is None:
+        """Restore the newest checkpoint that verifies; damaged newer ones are named and moved aside."""
+        found = list_checkpoints(self.output_dir)
+        if not found:
             if self.is_main:
                 print(f"resume: no checkpoint in {self.output_dir / 'checkpoints'}; starting from step 0")
             return
-        step, adapters, state_path = found
-        self.model.load_adapters(adapters)
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        from safetensors.torch import load_file
+
+        skipped = []
+        for step, adapters, state_path in found:
+            try:  # reading both files whole verifies them; a damaged one (truncated by a crash) is skipped
+                state = torch.load(state_path, map_location="cpu", weights_only=True)
+                stored = json.loads(state["config"])
+                load_file(str(adapters))
+            except Exception as err:  # torch, zipfile, pickle and safetensors raise many types for damaged files
+                skipped.append((adapters, state_path, f"{type(err).__name__}: {str(err).splitlines()[0][:200]}"))
+                continue
+            break
+        else:
+            names = "\n  ".join(f"{a.name} / {s.name}: {why}" for a, s, why in skipped)
+            raise RunFolderError(f"--resume: no checkpoint in {self.output_dir / 'checkpoints'} verifies:\n  {names}")
+        differences = config_differences(stored, self.config)
+        if differences:
+            raise RunFolderError(
+                f"--resume: the run in {self.output_dir} was trained with another configuration "
+                f"({state_path.name}):\n  " + "\n  ".join(differences)
+                + "\nUse the run's flags (its config.json), or --overwrite / another --output-dir to start afresh"
+            )
         if int(state.get("version", 0)) > STATE_VERSION:
-            raise ValueError(f"{state_path} was written by a newer mvfm-nerfstudio (state version {state['version']})")
+            raise RunFolderError(
+                f"{state_path} was written by a newer mvfm-nerfstudio (state version {state['version']}): upgrade it")
+        self.model.load_adapters(adapters)  # a checkpoint that does not fit the model is an error, not damage
+        if skipped and self.is_main:
+            stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+            for a, s_path, why in skipped:
+                for f in (a, s_path):
+                    f.rename(f.with_name(f"{f.name}.corrupt-{stamp}"))
+                print(f"resume: checkpoint {a.name} / {s_path.name} does not verify ({why}); moved aside as "
+                      f"*.corrupt-{stamp}")
+            print(f"resume: falling back to {adapters.name} / {state_path.name} (step {step})")
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["torch_rng"])
         self.step = int(state["step"])

@@ -16,11 +16,12 @@ def atomic_path(path: Union[str, os.PathLike]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
 
     Readers see either the old file or the complete new one, never a partial write,
-    and an interrupted writer leaves no file at ``path``.
+    and an interrupted writer leaves no file at ``path`` (a killed one leaves ``.<name>.<pid>.<random>.tmp``).
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    # the pid in the name lets a later run recognise scratch of a killed writer (feature_store.cache)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:

@@ -6,7 +6,7 @@ Errors that belong to one layer live there: :class:`~mvfm_nerfstudio.geometry.ca
 
 from __future__ import annotations
 
-__all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError"]
+__all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError", "NoTextTowerError"]
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -19,3 +19,7 @@ class CheckpointMismatchError(ValueError):
 
 class SceneError(ValueError):
     """Raised for invalid scenes: missing/corrupt files, bad poses, mismatched sizes, too few views."""
+
+
+class NoTextTowerError(ValueError):
+    """A text query (or text-space features) was asked of a backbone that has no CLIP text tower."""

@@ -130,7 +130,7 @@ def create_text_tower(backbone: str, weights: str = "pretrained", tiny: bool = F
     Args:
         backbone: registered backbone name with a text tower (``clip_vitb16``).
         weights: ``"pretrained"``, a local open_clip state-dict file, or ``"random"``.
-        tiny: 2-layer, 64-wide text transformer (``weights="random"`` only), for tests.
+        tiny: 2-layer, 64-wide text transformer (random weights or a file of that size), for tests.
         seed: torch seed of random weights (the caller's random state is left untouched).
         device: where the tower runs (None: CUDA when available, else the CPU).
 
@@ -147,7 +147,7 @@ def create_text_tower(backbone: str, weights: str = "pretrained", tiny: bool = F
     text_cfg = dict(cfg["text_cfg"], **(TINY_TEXT_OVERRIDES if tiny else {}))
     state = None
     if not (isinstance(weights, str) and weights == "random"):
-        if tiny:
+        if tiny and isinstance(weights, str) and weights in ("pretrained", "fit3d"):
             raise ValueError("tiny=True builds a test-size text tower that has no pretrained weights; use weights='random'")
         if isinstance(weights, str) and weights in ("pretrained", "fit3d"):
             if weights == "fit3d":

@@ -250,3 +250,74 @@ def _views(scene):
     return ViewSource(image_paths=list(scene.image_paths), image_sizes=scene.image_sizes, intrinsics=scene.intrinsics,
                       cam_to_world=scene.cam_to_world, load_image=lambda i: scene.load_image(i).permute(1, 2, 0),
                       extra_key={}, scene_name=scene.name, scene_root=scene.root)
+
+
+# ------------------------------------------------------------------------------------ viewer text box
+
+
+@pytest.fixture(scope="module")
+def text_pipelines(tmp_path_factory):
+    """Both methods on a tiny scene with text-space features of a tiny random CLIP (the panels tests' set-up)."""
+    from test_viewer_panels import _features_pipeline, _splat_pipeline, _vary_features
+
+    from mvfm_nerfstudio.data.generator import make_scene, tiny_config
+
+    scene = make_scene(tiny_config(seed=0), tmp_path_factory.mktemp("text_viewer") / "scene", progress=False)
+    cache = tmp_path_factory.mktemp("text_cache")
+    torch.manual_seed(0)
+    text = {"backbone": "clip_vitb16", "text_space": True}
+    out = {"features": _features_pipeline(scene, cache, **text), "splat": _splat_pipeline(scene, cache, **text)}
+    for pipe in out.values():
+        pipe.eval()
+        _vary_features(pipe.model)
+    return out
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["features", "splat"])
+def test_viewer_text_box_adds_relevancy_outputs(text_pipelines, name):
+    from test_viewer_panels import _camera, _mask_image
+
+    from mvfm_nerfstudio.features import heatmap_rgb
+    from mvfm_nerfstudio.models.build import ModelSpec
+    from mvfm_nerfstudio.nerfstudio_plugin.viewer_panels import COLOUR_OUTPUTS, TEXT_OUTPUTS
+    from mvfm_nerfstudio.text import text_tower_for
+
+    pipe = text_pipelines[name]
+    model, panels = pipe.model, pipe.model.feature_panels
+    assert [s.title for s in panels.sections] == [None, "Click query", "Text query", "PCA colours"]
+    assert set(TEXT_OUTPUTS) <= set(COLOUR_OUTPUTS)  # Nerfstudio's colour options hidden for them
+    cam = _camera(pipe, name)
+    with torch.no_grad():
+        out = model.get_outputs_for_camera(cam)
+    assert not set(TEXT_OUTPUTS) & set(out) and panels.text_status == "none"
+
+    panels.controls["text"].value = "red mug"  # typed into the text box, then "Find text"
+    panels.controls["text_find"].cb_hook(panels.controls["text_find"])
+    assert panels.text_query is not None and panels.text_status.startswith("'red mug'")
+    with torch.no_grad():
+        out = model.get_outputs_for_camera(cam)
+    h, w = int(cam.height), int(cam.width)
+    assert out["relevancy"].shape == (h, w, 3) and out["relevancy_segmentation"].shape == (h, w, 3)
+    # the same numbers from an independently built tower (same backbone, random weights, seed) and the cache's basis
+    store = pipe.datamanager.feature_store
+    assert store.reduction_basis is not None and store.meta["backbone_feature_dim"] == 512
+    tower = text_tower_for(ModelSpec(backbone="clip_vitb16", weights="random", tiny=True), device="cpu")
+    rel = TextQuery.encode(tower, "red mug").relevancy(out["feature"], store.reduction_basis)
+    assert torch.allclose(out["relevancy"], heatmap_rgb(rel, 0.0, 1.0))
+    assert float(rel.max() - rel.min()) > 1e-3  # not a flat map
+    for threshold in (float(rel.median()), float(rel.quantile(0.9))):
+        slider = panels.controls["text_threshold"]
+        slider.value = threshold
+        slider.cb_hook(slider)
+        with torch.no_grad():
+            out = model.get_outputs_for_camera(cam)
+        mask = rel >= threshold
+        assert 0 < int(mask.sum()) < mask.numel()
+        assert torch.allclose(out["relevancy_segmentation"], _mask_image(mask))
+    assert not any(k.startswith("feature_panels") for k in model.state_dict())  # the tower stays out of checkpoints
+
+    panels.controls["text_clear"].cb_hook(panels.controls["text_clear"])
+    with torch.no_grad():
+        out = model.get_outputs_for_camera(cam)
+    assert panels.text_query is None and not set(TEXT_OUTPUTS) & set(out)

@@ -286,6 +286,10 @@ def test_viewer_text_box_adds_relevancy_outputs(text_pipelines, name):
     pipe = text_pipelines[name]
     model, panels = pipe.model, pipe.model.feature_panels
     assert [s.title for s in panels.sections] == [None, "Click query", "Text query", "PCA colours"]
+    from nerfstudio.viewer.utils import parse_object
+    from nerfstudio.viewer.viewer_elements import ViewerElement
+
+    assert parse_object(pipe, ViewerElement, "Custom Elements") == []  # the panels install the text box themselves
     assert set(TEXT_OUTPUTS) <= set(COLOUR_OUTPUTS)  # Nerfstudio's colour options hidden for them
     cam = _camera(pipe, name)
     with torch.no_grad():

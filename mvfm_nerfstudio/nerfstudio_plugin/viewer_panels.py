@@ -224,6 +224,8 @@ class FeaturePanels(nn.Module):
         self._make_text_tower: Optional[Callable[[], CLIPTextTower]] = None
         self._text_reduction: Optional[PCABasis] = None
         self.text_threshold = DEFAULT_RELEVANCY_THRESHOLD
+        self._text_status: Optional[PanelText] = None
+        self._text_status_text = "off (the features are not in CLIP's text space)"
         self._query_marker = None  # (origin, unit direction, distance) of the query's marker, to restore it
         self.overlay_alpha = overlay_alpha
         self.similarity_range = (lo, hi)

@@ -139,10 +139,14 @@ def create_text_tower(backbone: str, weights: str = "pretrained", tiny: bool = F
         WeightsUnavailableError: pretrained weights not cached and not downloadable, or a missing file.
         CheckpointMismatchError: the file has no text tower, does not fit, or cannot be read.
     """
-    import open_clip
-    from open_clip.model import _build_text_tower
-
     spec = require_text_tower(backbone)
+    try:
+        import open_clip
+        from open_clip.model import _build_text_tower
+    except ImportError as err:
+        raise ImportError(
+            "text queries need open_clip, which is not installed. Fix: pip install --no-deps open-clip-torch==3.3.0 "
+            "ftfy regex (--no-deps: its timm requirement is handled as in README, 'Installation')") from err
     cfg = open_clip.get_model_config(spec.text_tower)
     text_cfg = dict(cfg["text_cfg"], **(TINY_TEXT_OVERRIDES if tiny else {}))
     state = None

@@ -7,7 +7,7 @@ Errors that belong to one layer live there: :class:`~mvfm_nerfstudio.geometry.ca
 from __future__ import annotations
 
 __all__ = ["WeightsUnavailableError", "CheckpointMismatchError", "SceneError", "RunFolderError",
-           "TrainingDivergedError"]
+           "TrainingDivergedError", "NoTextTowerError"]
 
 
 class WeightsUnavailableError(RuntimeError):
@@ -29,3 +29,7 @@ class RunFolderError(ValueError):
 
 class TrainingDivergedError(RuntimeError):
     """Training produced a non-finite loss or gradient; nothing of that step was written."""
+
+
+class NoTextTowerError(ValueError):
+    """A text query (or text-space features) was asked of a backbone that has no CLIP text tower."""

@@ -36,18 +36,20 @@ def scene(tmp_path_factory) -> Path:
     return make_scene(tiny_config(seed=0), tmp_path_factory.mktemp("viewer_panels") / "scene", progress=False)
 
 
-def _tiny_features(config, scene: Path, cache: Path) -> None:
+def _tiny_features(config, scene: Path, cache: Path, **features) -> None:
     dm = config.datamanager
     dm.data = dm.dataparser.data = scene
     f = dm.features
     f.weights, f.tiny, f.feature_resolution, f.feature_dim, f.cache_dir = "random", True, 8, 16, cache
+    for name, value in features.items():  # e.g. backbone, text_space (tests/test_text.py)
+        setattr(f, name, value)
 
 
-def _features_pipeline(scene: Path, cache: Path):
+def _features_pipeline(scene: Path, cache: Path, **features):
     from mvfm_nerfstudio.nerfstudio_plugin.features_method import mvfm_features_config
 
     config = mvfm_features_config().pipeline
-    _tiny_features(config, scene, cache)
+    _tiny_features(config, scene, cache, **features)
     config.datamanager.train_num_rays_per_batch = config.datamanager.eval_num_rays_per_batch = 128
     m = config.model
     m.num_nerf_samples_per_ray, m.num_proposal_samples_per_ray = 16, (32, 16)
@@ -57,11 +59,11 @@ def _features_pipeline(scene: Path, cache: Path):
     return config.setup(device="cpu", test_mode="val")
 
 
-def _splat_pipeline(scene: Path, cache: Path):
+def _splat_pipeline(scene: Path, cache: Path, **features):
     from mvfm_nerfstudio.nerfstudio_plugin.splat_method import mvfm_splat_config
 
     config = mvfm_splat_config().pipeline
-    _tiny_features(config, scene, cache)
+    _tiny_features(config, scene, cache, **features)
     # a compact random cloud in front of the cameras (the scene has no .ply to seed from)
     config.model.num_random, config.model.random_scale = 500, 0.6
     return config.setup(device="cpu", test_mode="val")

@@ -8,7 +8,7 @@ token width, output feature width and prefix tokens (CLS / registers).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Literal, Tuple
+from typing import Dict, List, Literal, Optional, Tuple
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -60,6 +60,9 @@ class BackboneSpec:
     """timm constructor overrides for a tiny random-weight test instance of the same architecture."""
     timm_kwargs: Dict[str, object] = field(default_factory=dict)
     """Extra timm constructor arguments always passed (e.g. dynamic image size)."""
+    text_tower: Optional[str] = None
+    """open_clip model name of the CLIP text tower trained with this image tower (its weights come from the same
+    pretrained file); None = the backbone has no text tower, so no text queries (:mod:`mvfm_nerfstudio.text`)."""
 
     @property
     def timm_pretrained_name(self) -> str:
@@ -112,8 +115,8 @@ register_backbone(BackboneSpec(
     name="clip_vitb16", timm_name="vit_base_patch16_clip_quickgelu_224", pretrained_tag="openai",
     family="vit", patch_size=16, default_image_size=(512, 512), embed_dim=768, feature_dim=768,
     depth=12, num_prefix_tokens=1, mean=OPENAI_CLIP_MEAN, std=OPENAI_CLIP_STD,
-    description="OpenAI CLIP ViT-B/16 image tower (QuickGELU)", license="mit",
-    tiny_overrides=_TINY_VIT, timm_kwargs=_DYNAMIC,
+    description="OpenAI CLIP ViT-B/16 image tower (QuickGELU); text tower for text queries", license="mit",
+    tiny_overrides=_TINY_VIT, timm_kwargs=_DYNAMIC, text_tower="ViT-B-16-quickgelu",
 ))
 
 register_backbone(BackboneSpec(
@@ -131,6 +134,32 @@ register_backbone(BackboneSpec(
     description="Segment Anything ViT-B image encoder (256-d after the neck)", license="apache-2.0",
     tiny_overrides={**_TINY_VIT, "global_attn_indexes": (1,), "neck_chans": 32},
 ))
+
+
+def text_backbones() -> List[str]:
+    """Names of the registered backbones with a CLIP text tower (text queries), sorted."""
+    return sorted(name for name, spec in _REGISTRY.items() if spec.text_tower is not None)
+
+
+def require_text_tower(name: str) -> BackboneSpec:
+    """The spec of backbone ``name`` if it has a CLIP text tower.
+
+    Raises:
+        UnknownBackboneError: unknown name.
+        NoTextTowerError: the backbone has no text tower; the message names those that have one.
+    """
+    from ..errors import NoTextTowerError
+
+    spec = get_backbone_spec(name)
+    if spec.text_tower is None:
+        why = (" It is LAION CLIP fine-tuned on ImageNet-12k/1k classification: its projection into CLIP's joint "
+               "image-text space was replaced by a classifier, so its features are no longer comparable with text."
+               if name == "clip_vitb16_laion" else "")
+        raise NoTextTowerError(
+            f"backbone {name!r} has no CLIP text tower, so its features cannot be queried with text.{why} "
+            f"Backbones with a text tower: {', '.join(text_backbones())} (e.g. --features.backbone clip_vitb16)."
+        )
+    return spec
 
 
 def list_backbones() -> List[str]:

@@ -37,7 +37,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..errors import CheckpointMismatchError, WeightsUnavailableError
-from .registry import BackboneSpec, get_backbone_spec
+from .registry import BackboneSpec, get_backbone_spec, require_text_tower
 
 __all__ = [
     "FoundationBackbone",
@@ -195,22 +195,24 @@ def cached_pretrained_file(spec: BackboneSpec) -> Optional[str]:
     return None
 
 
-def _create_timm_model(spec: BackboneSpec, tiny: bool, **kwargs) -> nn.Module:
+def _create_timm_model(spec: BackboneSpec, tiny: bool, text_space: bool = False, **kwargs) -> nn.Module:
     import timm
 
     overrides = dict(spec.timm_kwargs)
     if tiny:
         overrides.update(spec.tiny_overrides)
-    return timm.create_model(spec.timm_pretrained_name, num_classes=0, **overrides, **kwargs)
+    if not text_space:  # the classifier/projection head is dropped; text space keeps CLIP's image projection
+        overrides["num_classes"] = 0
+    return timm.create_model(spec.timm_pretrained_name, **overrides, **kwargs)
 
 
-def _load_from_file(spec: BackboneSpec, path: Path, tiny: bool) -> nn.Module:
+def _load_from_file(spec: BackboneSpec, path: Path, tiny: bool, text_space: bool = False) -> nn.Module:
     if not path.is_file():
         raise WeightsUnavailableError(
             f"weights file {str(path)!r} for backbone {spec.name!r} does not exist.\n{weights_options(spec)}"
         )
     try:
-        return _create_timm_model(spec, tiny, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
+        return _create_timm_model(spec, tiny, text_space, pretrained=True, pretrained_cfg_overlay={"file": str(path)})
     except RuntimeError as err:
         # timm's strict load_state_dict lists missing/unexpected keys and size mismatches.
         summary = str(err).strip().splitlines()
@@ -225,13 +227,13 @@ def _load_from_file(spec: BackboneSpec, path: Path, tiny: bool) -> nn.Module:
         ) from err
 
 
-def _load_pretrained(spec: BackboneSpec, tiny: bool) -> nn.Module:
+def _load_pretrained(spec: BackboneSpec, tiny: bool, text_space: bool = False) -> nn.Module:
     if tiny:
         raise ValueError("tiny=True builds a test-size architecture that has no pretrained weights; use weights='random'")
     cached = cached_pretrained_file(spec)
     if cached is not None:
         logger.info("loading %s from the Hugging Face cache: %s", spec.timm_pretrained_name, cached)
-        return _load_from_file(spec, Path(cached), tiny=False)
+        return _load_from_file(spec, Path(cached), tiny=False, text_space=text_space)
     if not _hub_reachable():
         raise WeightsUnavailableError(
             f"pretrained weights for backbone {spec.name!r} ({spec.timm_pretrained_name}) are not in the "
@@ -239,7 +241,7 @@ def _load_pretrained(spec: BackboneSpec, tiny: bool) -> nn.Module:
             + weights_options(spec)
         )
     try:
-        return _create_timm_model(spec, tiny=False, pretrained=True)
+        return _create_timm_model(spec, tiny=False, text_space=text_space, pretrained=True)
     except Exception as err:
         raise WeightsUnavailableError(
             f"downloading pretrained weights for backbone {spec.name!r} ({spec.timm_pretrained_name}) failed: "
@@ -269,12 +271,22 @@ class FoundationBackbone(nn.Module):
     final_norm: bool = True
     """Whether :meth:`head` applies the final LayerNorm (SAM always uses its neck)."""
 
-    def __init__(self, spec: BackboneSpec, model: nn.Module, weights: str, tiny: bool = False):
+    text_space: bool = False
+    """Dense features in CLIP's joint image-text space (see :meth:`head`); set by ``create_backbone(text_space=True)``."""
+
+    def __init__(self, spec: BackboneSpec, model: nn.Module, weights: str, tiny: bool = False,
+                 text_space: bool = False):
         super().__init__()
         self.spec = spec
         self.model = model
         self.weights = weights
         self.tiny = tiny
+        if text_space:
+            head = getattr(model, "head", None)
+            if spec.text_tower is None or spec.family != "vit" or not isinstance(head, nn.Linear):
+                require_text_tower(spec.name)  # raises NoTextTowerError naming the backbones that have one
+                raise ValueError(f"text_space needs the timm model of {spec.name!r} built with its projection head")
+            self.text_space = True
         self.family = spec.family
         self.patch_size = spec.patch_size
         self.embed_dim = int(model.embed_dim)
@@ -284,6 +296,8 @@ class FoundationBackbone(nn.Module):
         reg = getattr(model, "reg_token", None)
         self.num_register_tokens = 0 if reg is None or spec.family == "sam" else int(reg.shape[1])
         self.feature_dim = int(model.num_features) if spec.family == "sam" else self.embed_dim
+        if self.text_space:
+            self.feature_dim = int(model.head.out_features)  # CLIP's joint embedding width (512 for ViT-B/16)
         if spec.family == "eva" and getattr(model, "rope_mixed", False):
             raise NotImplementedError(f"{spec.timm_name}: depth-dependent (mixed) RoPE is not supported")
         self.register_buffer("mean", torch.tensor(spec.mean).view(3, 1, 1), persistent=False)  # device: buffer
@@ -385,8 +399,11 @@ class FoundationBackbone(nn.Module):
         return m.pos_drop(torch.cat(prefix + [x], dim=1) if prefix else x)
 
     def run_block(self, index: int, tokens: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
-        """Apply transformer block ``index`` to ``[N, P + h*w, C]`` tokens."""
+        """Apply transformer block ``index`` to ``[N, P + h*w, C]`` tokens (with :attr:`text_space`, the last block
+        runs its value path, :meth:`value_path_block`)."""
         blk = self.model.blocks[index]
+        if self.text_space and index == self.depth - 1:
+            return self.value_path_block(blk, tokens)
         if self.family == "sam":
             n, _, c = tokens.shape
             return blk(tokens.view(n, *ctx.grid, c)).flatten(1, 2)
@@ -394,13 +411,34 @@ class FoundationBackbone(nn.Module):
             return blk(tokens, rope=ctx.rope)
         return blk(tokens)
 
+    @staticmethod
+    def value_path_block(blk: nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+        """A timm ViT block with its query-key attention skipped (MaskCLIP): every token attends only to itself,
+        so the attention is the value projection followed by the output projection; the residual connections and
+        the MLP stay. ``[N, T, C] -> [N, T, C]``.
+
+        ``x + ls1(proj(norm(v(norm1(x)))))``, then ``y + ls2(mlp(norm2(y)))``, with timm's names.
+        """
+        attn = blk.attn
+        if getattr(attn, "gate", None) is not None or not hasattr(attn, "qkv"):
+            raise NotImplementedError(f"the value path needs a plain timm Attention, got {type(attn).__name__}")
+        c = tokens.shape[-1]
+        # rows [2C, 3C) of the fused qkv projection are the value projection
+        v = F.linear(blk.norm1(tokens), attn.qkv.weight[2 * c:], None if attn.qkv.bias is None else attn.qkv.bias[2 * c:])
+        x = tokens + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(attn.norm(v)))))
+        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x))))
+
     def head(self, tokens: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
-        """Final norm (or SAM's neck) -> dense features ``[N, F, h, w]``."""
+        """Final norm (or SAM's neck) -> dense features ``[N, F, h, w]``; with :attr:`text_space` also CLIP's image
+        projection of every patch token (``F`` = the joint embedding width), as CLIP projects its CLS token."""
         n, _, c = tokens.shape
         h, w = ctx.grid
         if self.family == "sam":
             return self.model.neck(tokens.view(n, h, w, c).permute(0, 3, 1, 2))
         x = (self.model.norm(tokens) if self.final_norm else tokens)[:, self.num_prefix_tokens:]
+        if self.text_space:
+            x = self.model.head(x)
+            c = x.shape[-1]
         return x.transpose(1, 2).reshape(n, c, h, w)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
@@ -495,7 +533,8 @@ def backbone_from_state_dict(
     return FoundationBackbone(spec, model, weights, tiny=tiny)
 
 
-def create_backbone(name: str, weights: WeightsSource = "pretrained", tiny: bool = False) -> FoundationBackbone:
+def create_backbone(name: str, weights: WeightsSource = "pretrained", tiny: bool = False,
+                    text_space: bool = False) -> FoundationBackbone:
     """Build a registered backbone with the requested weights.
 
     Args:
@@ -504,23 +543,29 @@ def create_backbone(name: str, weights: WeightsSource = "pretrained", tiny: bool
             backbones in :data:`FIT3D_FILES`), or ``"random"``.
         tiny: build a 2-block, 64-wide instance of the same architecture (random weights
             only), for tests and CPU demos.
+        text_space: dense features in CLIP's joint image-text space: the last block runs its value path (MaskCLIP)
+            and CLIP's image projection maps every patch token (:meth:`FoundationBackbone.head`); only backbones
+            with a text tower (:func:`~.registry.text_backbones`).
 
     Raises:
+        NoTextTowerError: ``text_space=True`` for a backbone without a CLIP text tower.
         UnknownBackboneError: unknown name.
         WeightsUnavailableError: weights cannot be obtained; the message names all options.
         CheckpointMismatchError: the weights file belongs to another architecture or is corrupt.
     """
     spec = get_backbone_spec(name)
+    if text_space:
+        require_text_tower(name)
     if isinstance(weights, str) and weights == "random":
-        model = _create_timm_model(spec, tiny, pretrained=False)
+        model = _create_timm_model(spec, tiny, text_space, pretrained=False)
     elif isinstance(weights, str) and weights == "pretrained":
-        model = _load_pretrained(spec, tiny)
+        model = _load_pretrained(spec, tiny, text_space)
     elif isinstance(weights, str) and weights == "fit3d":
         if tiny:
             raise ValueError("tiny=True builds a test-size architecture that has no FiT3D weights; use weights='random'")
-        model = _load_from_file(spec, Path(_fit3d_file(spec)), tiny=False)
+        model = _load_from_file(spec, Path(_fit3d_file(spec)), tiny=False, text_space=text_space)
     elif isinstance(weights, (str, os.PathLike)):
-        model = _load_from_file(spec, Path(weights).expanduser(), tiny)
+        model = _load_from_file(spec, Path(weights).expanduser(), tiny, text_space)
     else:
         raise TypeError(f"weights must be 'pretrained', 'random' or a file path, got {type(weights).__name__}")
-    return FoundationBackbone(spec, model, describe_weights(weights), tiny=tiny)
+    return FoundationBackbone(spec, model, describe_weights(weights), tiny=tiny, text_space=text_space)

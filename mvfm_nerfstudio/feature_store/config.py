@@ -67,6 +67,11 @@ class FeatureStoreConfig(ModelSpec):
     """Feature cache directory; None = $MVFM_CACHE_DIR or ~/.cache/mvfm_nerfstudio/features."""
     sets_per_batch: int = 1
     """View sets per MVFM forward pass (more = faster on GPU, more memory)."""
+    text_space: bool = False
+    """Features in CLIP's joint image-text space, so text queries work (mvfm-segment --text, the viewer's text box):
+    the backbone's last block runs its value path only (MaskCLIP) and CLIP's image projection maps every patch
+    token (512 channels for clip_vitb16). Backbones with a CLIP text tower only (clip_vitb16); see
+    docs/text_queries.md. Keep feature_dim None (or large): text relevancy is computed on the cached channels."""
     adapt: bool = False
     """Adapt the MV-Adapters to this scene before extraction (self-supervised with the scene's SfM tracks when
     available, else its depth maps), reusing mvfm_nerfstudio.training."""
@@ -91,6 +96,8 @@ class FeatureStoreConfig(ModelSpec):
             d.pop("kv_pool")  # keys of entries made before the option existed stay valid
         if not self.bf16:
             d.pop("bf16")  # likewise
+        if not self.text_space:
+            d.pop("text_space")  # likewise
         return d
 
     def attention_options(self) -> Dict[str, object]:

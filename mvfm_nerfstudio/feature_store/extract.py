@@ -164,7 +164,7 @@ def compute_entry(config: FeatureStoreConfig, views: ViewSource, grid: Size, dev
                   key: str, ingredients: Dict[str, object]) -> int:
     """Compute and write the cache entry ``path`` (see the module docstring); returns the forward passes run."""
     n, (h, w) = len(views), grid
-    model = build_model(config, default_device=device, **config.attention_options())
+    model = build_model(config, default_device=device, text_space=config.text_space, **config.attention_options())
     size = (h * model.patch_size, w * model.patch_size)
     c2w = views.cam_to_world.double()
     if config.multi_view:

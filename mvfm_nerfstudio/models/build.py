@@ -72,6 +72,7 @@ def create_mvfm(
     weights: WeightsSource = "pretrained",
     tiny: bool = False,
     adapters: Optional[Union[str, Path]] = None,
+    text_space: bool = False,
     **config,
 ) -> MultiViewFoundationModel:
     """Build a multi-view foundation model.
@@ -86,6 +87,9 @@ def create_mvfm(
             ``"Leoseg/dinov2_reg"``, a folder or ``.pth`` in the authors' layout, or an ``mvfm-convert`` file)
             brings its own backbone: ``backbone``/``weights`` must then be left at their defaults or agree
             (:func:`~mvfm_nerfstudio.models.published.load_published`).
+        text_space: features in CLIP's joint image-text space (MaskCLIP last block + CLIP's image projection,
+            :func:`~mvfm_nerfstudio.backbones.vit.create_backbone`); backbones with a text tower only. The adapters
+            run where they always do; only the backbone's last block and head change.
         **config: fields of :class:`~mvfm_nerfstudio.models.config.MVFMConfig` (e.g. ``attention="knn"``,
             ``use_rays=False``).
 
@@ -94,6 +98,9 @@ def create_mvfm(
         >>> feats = model(images, intrinsics, cam_to_world)   # [B, S, F, h, w]
     """
     if is_published_source(adapters):
+        if text_space:
+            raise ValueError(f"text_space=True is not available for the published model {adapters}: none of them has "
+                             "a backbone with a CLIP text tower (MV-CLIP's clip_vitb16_laion was fine-tuned on ImageNet)")
         return load_published(adapters, backbone=backbone, weights=weights, tiny=tiny, **config)
     if adapters is not None:
         stored = MVFMConfig.from_dict(json.loads(source_metadata(adapters)["config"]))
@@ -109,13 +116,15 @@ def create_mvfm(
                 f"(given, stored): {mismatched}"
             )
         config = {**stored.to_dict(), **{k: v for k, v in config.items() if k in RUNTIME_FIELDS}}
-    model = MultiViewFoundationModel(create_backbone(backbone, weights, tiny=tiny), MVFMConfig.from_dict(config))
+    model = MultiViewFoundationModel(create_backbone(backbone, weights, tiny=tiny, text_space=text_space),
+                                     MVFMConfig.from_dict(config))
     if adapters is not None:
         model.load_adapters(adapters)
     return model
 
 
-def build_model(spec: ModelSpec, default_device: Optional[DeviceLike] = None, **config) -> MultiViewFoundationModel:
+def build_model(spec: ModelSpec, default_device: Optional[DeviceLike] = None, text_space: bool = False,
+                **config) -> MultiViewFoundationModel:
     """The MVFM ``spec`` describes, in eval mode on its device.
 
     The backbone and adapters are built under ``torch.manual_seed(spec.model_seed)`` (without touching the
@@ -124,13 +133,15 @@ def build_model(spec: ModelSpec, default_device: Optional[DeviceLike] = None, **
     Args:
         spec: backbone, weights, adapters, seed and device.
         default_device: what ``spec.device == "auto"`` means (e.g. the Nerfstudio trainer's device).
+        text_space: features in CLIP's joint image-text space (see :func:`create_mvfm`).
         **config: :class:`~mvfm_nerfstudio.models.config.MVFMConfig` fields (an adapter checkpoint's stored
             architecture wins; only run-time fields may differ).
     """
     adapters = None if spec.adapters is None else str(Path(spec.adapters).expanduser())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(spec.model_seed)
-        model = create_mvfm(spec.backbone, weights=spec.weights, tiny=spec.tiny, adapters=adapters, **config)
+        model = create_mvfm(spec.backbone, weights=spec.weights, tiny=spec.tiny, adapters=adapters,
+                            text_space=text_space, **config)
     return model.to(spec.resolve_device(default_device)).eval()
 
 

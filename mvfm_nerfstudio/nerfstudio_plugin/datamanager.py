@@ -21,7 +21,9 @@ dataset's metadata, which the pipeline hands to the model:
 
 * ``metadata["mvfm_feature_dim"]``: D;
 * ``metadata["mvfm_display_basis"]``: the 3-component display PCA (a state dict of
-  :class:`~mvfm_nerfstudio.features.PCABasis`) for fixed-colour ``feature_pca`` renders.
+  :class:`~mvfm_nerfstudio.features.PCABasis`) for fixed-colour ``feature_pca`` renders;
+* ``metadata["mvfm_text_space"]`` (text-space features only): the backbone spec and PCA reduction the viewer's
+  text box needs (``feature_head.TEXT_SPACE_KEY``).
 
 Evaluation batches carry no features (the feature loss is a training signal only).
 
@@ -50,7 +52,7 @@ from ..data.readers import load_scene
 from ..errors import SceneError
 from ..feature_store import FeatureStore, FeatureStoreConfig, ViewSource, describe
 from ..geometry.cameras import opengl_to_opencv, to_homogeneous
-from .feature_head import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY
+from .feature_head import DISPLAY_BASIS_KEY, FEATURE_DIM_KEY, TEXT_SPACE_KEY
 
 __all__ = [
     "MVFMDataManagerConfig",
@@ -135,6 +137,12 @@ def _publish(store: FeatureStore, metadata: Dict, device) -> None:
     metadata[FEATURE_DIM_KEY] = store.feature_dim
     assert store.display_basis is not None
     metadata[DISPLAY_BASIS_KEY] = {k: v.clone() for k, v in store.display_basis.state().items()}
+    if store.config.text_space:
+        c, reduction = store.config, store.reduction_basis
+        metadata[TEXT_SPACE_KEY] = {
+            "spec": {"backbone": c.backbone, "weights": str(c.weights), "tiny": c.tiny, "model_seed": c.model_seed},
+            "reduction": None if reduction is None else {k: v.clone() for k, v in reduction.state().items()},
+        }
     CONSOLE.print(f"MVFM features: {describe(store)}")
 
 

@@ -31,11 +31,14 @@ import torch
 import torch.nn.functional as F
 
 from ..features import FeatureDisplay, PCABasis
+from ..models.build import ModelSpec
+from ..text import text_tower_for
 from .viewer_panels import FeaturePanels
 
 __all__ = [
     "FEATURE_DIM_KEY",
     "DISPLAY_BASIS_KEY",
+    "TEXT_SPACE_KEY",
     "FeatureHeadConfig",
     "FeatureHeadMixin",
     "feature_loss",
@@ -47,6 +50,9 @@ FEATURE_DIM_KEY = "mvfm_feature_dim"
 """Training-dataset metadata key the MVFM datamanagers fill with the cached feature dimension D."""
 DISPLAY_BASIS_KEY = "mvfm_display_basis"
 """Training-dataset metadata key of the cache's 3-component display PCA (a :class:`PCABasis` state)."""
+TEXT_SPACE_KEY = "mvfm_text_space"
+"""Training-dataset metadata key, present only for text-space features: ``{"spec": ModelSpec fields (backbone,
+weights, tiny, model_seed), "reduction": the cache's PCA reduction state or None}`` (the viewer's text box)."""
 
 FeatureLoss = Literal["mse", "cosine", "mse+cosine"]
 
@@ -126,6 +132,9 @@ class FeatureHeadConfig:
     similarity_range: Tuple[float, float] = (-1.0, 1.0)
     """Cosine similarities at the blue and the red end of the viewer's 'similarity' colours (turbo; fixed, so
     every view and resolution uses the same colours)."""
+    text_weights: Optional[str] = None
+    """Weights of the CLIP text tower behind the viewer's text box (text-space features only): 'pretrained', a
+    local open_clip file or 'random'; None = the feature backbone's weights option."""
     compute_lpips: bool = False
     """Compute LPIPS in evaluation (downloads AlexNet weights on first use; off so training works offline)."""
 
@@ -153,6 +162,11 @@ class FeatureHeadMixin:
         if metadata.get(DISPLAY_BASIS_KEY) is not None:
             self.feature_display.set_basis(PCABasis.from_state(metadata[DISPLAY_BASIS_KEY]))
         self.feature_panels = FeaturePanels(self, similarity_range=self.config.similarity_range)  # viewer panels
+        text = metadata.get(TEXT_SPACE_KEY)
+        if text is not None:  # text-space features: the viewer's text box
+            spec, weights = ModelSpec(**text["spec"]), self.config.text_weights
+            reduction = PCABasis.from_state(text["reduction"]) if text.get("reduction") else None
+            self.feature_panels.enable_text(lambda: text_tower_for(spec, weights, device="cpu"), reduction)
 
     @property
     def feature_dim(self) -> int:

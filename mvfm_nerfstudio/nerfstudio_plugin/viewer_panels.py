@@ -28,7 +28,10 @@ the viewer opens), made of :attr:`FeaturePanels.sections`:
   scale as the colours), the colour scale of ``similarity`` with the threshold marked, and
   *Clear query*;
 * **PCA colours**: *Lock PCA colours* (on: one fixed basis, from the feature cache and saved in
-  the checkpoint; off: refitted to every render) and *Refresh PCA from view* (refit once).
+  the checkpoint; off: refitted to every render) and *Refresh PCA from view* (refit once);
+* **Text query** (only with text-space features, :meth:`FeaturePanels.enable_text`): a text box, *Find text*
+  (encodes the phrase with the CLIP text tower; outputs ``relevancy`` and ``relevancy_segmentation``), the
+  *Relevancy threshold* slider and *Clear text*.
 
 Full-frame outputs (:meth:`FeaturePanels.after_render`) are 3-channel images, so Nerfstudio's
 colour options (Colormap, Normalize, Min/Max, Invert) cannot change them; the panels hide or
@@ -38,7 +41,10 @@ disable those options while one of them is shown:
   (default ``[-1, 1]``: blue = opposite, green = unrelated, red = the query), identical in every
   view and at every resolution (:func:`~mvfm_nerfstudio.features.heatmap_rgb`);
 * ``segmentation``: the mask in :data:`~mvfm_nerfstudio.features.MASK_COLOR` on black;
-* ``segmentation_overlay``: the mask tinted over ``rgb``.
+* ``segmentation_overlay``: the mask tinted over ``rgb``;
+* ``relevancy``: turbo colours of LERF's relevancy of the text query on the fixed range ``[0, 1]`` (0.5, green:
+  the query ties with its strongest canonical negative; :mod:`mvfm_nerfstudio.text`);
+* ``relevancy_segmentation``: ``relevancy >= threshold`` in the mask colour on black.
 The raw cosine is ``cosine_similarity(outputs["feature"], feature_display.query)``.
 
 Threads. The viewer renders on its own thread and holds its ``train_lock`` for a whole
@@ -71,7 +77,7 @@ import warnings
 import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 from nerfstudio.viewer.viewer_elements import (
@@ -81,18 +87,23 @@ from nerfstudio.viewer.viewer_elements import (
     ViewerControl,
     ViewerElement,
     ViewerSlider,
+    ViewerText,
 )
 from torch import nn
 
-from ..features import heatmap_rgb, overlay_mask
+from ..features import PCABasis, heatmap_rgb, overlay_mask
+from ..text import DEFAULT_RELEVANCY_THRESHOLD, CLIPTextTower, TextQuery
 
-__all__ = ["FeaturePanels", "PanelSection", "PanelText", "PANELS_TITLE", "QUERY_OUTPUTS", "COLOUR_OUTPUTS"]
+__all__ = ["FeaturePanels", "PanelSection", "PanelText", "PANELS_TITLE", "QUERY_OUTPUTS", "TEXT_OUTPUTS",
+           "COLOUR_OUTPUTS"]
 
 PANELS_TITLE = "MVFM features"
 """Label of the panels' folder in the viewer."""
 QUERY_OUTPUTS = ("similarity", "segmentation", "segmentation_overlay")
 """Outputs that exist only while a query is set."""
-COLOUR_OUTPUTS = ("feature_pca",) + QUERY_OUTPUTS
+TEXT_OUTPUTS = ("relevancy", "relevancy_segmentation")
+"""Outputs that exist only while a text query is set."""
+COLOUR_OUTPUTS = ("feature_pca",) + QUERY_OUTPUTS + TEXT_OUTPUTS
 """The panels' 3-channel outputs: Nerfstudio's colour options do nothing for them, so they are hidden."""
 MARKER_NAME = "/mvfm_query_point"
 """viser scene node of the query marker (a sphere, hidden by nearer surfaces like any scene object)."""
@@ -207,6 +218,14 @@ class FeaturePanels(nn.Module):
         self._model_ref = weakref.ref(model)
         self._refit_pending = False
         self._marker = None  # (sphere, label) viser handles while a marker is shown
+        self._text_query: Optional[TextQuery] = None  # the text query behind the relevancy outputs
+        # in a dict: an nn.Module attribute would become a submodule, and the tower would go into checkpoints
+        self._text_tower: Dict[str, CLIPTextTower] = {}
+        self._make_text_tower: Optional[Callable[[], CLIPTextTower]] = None
+        self._text_reduction: Optional[PCABasis] = None
+        self.text_threshold = DEFAULT_RELEVANCY_THRESHOLD
+        self._text_status: Optional[PanelText] = None
+        self._text_status_text = "off (the features are not in CLIP's text space)"
         self._query_marker = None  # (origin, unit direction, distance) of the query's marker, to restore it
         self.overlay_alpha = overlay_alpha
         self.similarity_range = (lo, hi)
@@ -391,6 +410,8 @@ class FeaturePanels(nn.Module):
             outputs["segmentation"] = overlay_mask(mask.new_zeros(*mask.shape[:-1], 3), mask, alpha=1.0)
             if "rgb" in outputs:
                 outputs["segmentation_overlay"] = overlay_mask(outputs["rgb"], mask, self.overlay_alpha)
+        if self._text_query is not None and feature is not None:
+            outputs.update(self._text_outputs(feature))
         return outputs
 
     # ------------------------------------------------------------------------------------ query
@@ -409,17 +430,17 @@ class FeaturePanels(nn.Module):
         self._query_marker = None
         with self.render_exclusive():
             self._host().feature_display.set_query(None)
-        shown = self._leave_query_output()
+        shown = self._leave_query_output(QUERY_OUTPUTS)
         self._set_status("none" if shown is None else f"cleared; Output type → {shown}")
         self._rerender()
 
-    def _leave_query_output(self) -> Optional[str]:
-        """If the viewer's Output type is a query output, switch it to ``feature_pca`` (``rgb`` if absent) and
-        return the new one. (Nerfstudio would otherwise fall back to its first output without a word, leaving
-        the colour options of the old output.)"""
+    def _leave_query_output(self, outputs: Tuple[str, ...]) -> Optional[str]:
+        """If the viewer's Output type is one of ``outputs`` (a query's), switch it to ``feature_pca`` (``rgb`` if
+        absent) and return the new one. (Nerfstudio would otherwise fall back to its first output without a word,
+        leaving the colour options of the old output.)"""
         viewer = self._viewer()
         dropdown = getattr(getattr(viewer, "control_panel", None), "_output_render", None)
-        if dropdown is None or dropdown.value not in QUERY_OUTPUTS:
+        if dropdown is None or dropdown.value not in outputs:
             return None
         options = list(getattr(dropdown.gui_handle, "options", ()) or ())
         target = next((o for o in ("feature_pca", "rgb") if o in options), None)
@@ -514,6 +535,91 @@ class FeaturePanels(nn.Module):
     def _click_disarmed(self) -> None:
         if self.controls["pick"].gui_handle is not None:
             self.controls["pick"].set_disabled(False)
+
+    # ------------------------------------------------------------------------------------ text query
+
+    def enable_text(self, make_tower: Callable[[], CLIPTextTower], reduction: Optional[PCABasis] = None,
+                    threshold: float = DEFAULT_RELEVANCY_THRESHOLD) -> None:
+        """Add the **Text query** section (call before the viewer starts, e.g. in ``populate_modules``).
+
+        Args:
+            make_tower: builds the CLIP text tower matching the model's features (called on the first query, so
+                a viewer without text queries never loads it; its errors show in the section's status).
+            reduction: the PCA basis the cached (and so the rendered) features were reduced with, or None.
+            threshold: initial relevancy threshold of ``relevancy_segmentation``.
+        """
+        self._make_text_tower, self._text_reduction = make_tower, reduction
+        self.text_threshold = float(threshold)
+        self.controls.update({
+            "text": ViewerText("Text query", "", hint="a phrase, e.g. 'red mug'; then press Find text"),
+            "text_find": ViewerButton("Find text", cb_hook=lambda _: self.set_text(self.controls["text"].value)),
+            "text_threshold": ViewerSlider(
+                "Relevancy threshold", self.text_threshold, 0.0, 1.0, 0.01,
+                cb_hook=lambda element: self.set_text_threshold(element.value),
+                hint="'relevancy_segmentation' = relevancy >= this (0.5: the query beats every canonical negative)",
+            ),
+            "text_clear": ViewerButton("Clear text", cb_hook=lambda _: self.clear_text()),
+        })
+        self._text_status = PanelText("")
+        self._set_text_status("none")
+        c = self.controls
+        self.sections.insert(2, PanelSection("Text query", [self._text_status, c["text"], c["text_find"],
+                                                            c["text_threshold"], c["text_clear"]]))
+
+    @property
+    def text_status(self) -> str:
+        """The text query's status line (plain text)."""
+        return self._text_status_text
+
+    def _set_text_status(self, text: str) -> None:
+        self._text_status_text = text
+        self._text_status.text = f"**Text:** {text}"
+
+    @property
+    def text_query(self) -> Optional[TextQuery]:
+        return self._text_query
+
+    def set_text(self, text: str) -> Optional[TextQuery]:
+        """Make ``text`` the text query (encoded with the text tower); '' clears it. Returns the query, or None
+        when it could not be encoded (the status says why; the previous query is kept)."""
+        if self._make_text_tower is None:
+            raise RuntimeError("text queries are off: the model's features are not in CLIP's text space")
+        if not text.strip():
+            self.clear_text()
+            return None
+        self._set_text_status(f"encoding '{text}' …")
+        try:
+            if "tower" not in self._text_tower:
+                self._text_tower["tower"] = self._make_text_tower()
+            query = TextQuery.encode(self._text_tower["tower"], text)
+        except Exception as err:  # weights unavailable, ...: show it, keep the viewer running
+            self._set_text_status(f"text query failed: {err}")
+            return None
+        with self.render_exclusive():
+            self._text_query = query
+        self._set_text_status(f"'{text}' (Output type: relevancy, relevancy_segmentation)")
+        self._rerender()
+        return query
+
+    def set_text_threshold(self, value: float) -> None:
+        """Set the relevancy threshold of ``relevancy_segmentation``."""
+        self.text_threshold = float(value)
+        self._rerender()
+
+    def clear_text(self) -> None:
+        """Remove the text query (its outputs disappear; a shown one switches to ``feature_pca``)."""
+        with self.render_exclusive():
+            self._text_query = None
+        shown = self._leave_query_output(TEXT_OUTPUTS)
+        self._set_text_status("none" if shown is None else f"cleared; Output type → {shown}")
+        self._rerender()
+
+    def _text_outputs(self, feature: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """``relevancy`` / ``relevancy_segmentation`` images ``[H, W, 3]`` of a rendered ``feature [H, W, D]``."""
+        relevancy = self._text_query.relevancy(feature.detach(), self._text_reduction)
+        mask = relevancy >= self.text_threshold
+        return {"relevancy": heatmap_rgb(relevancy, 0.0, 1.0),
+                "relevancy_segmentation": overlay_mask(relevancy.new_zeros(*relevancy.shape, 3), mask, alpha=1.0)}
 
     # ------------------------------------------------------------------------------------ viewer set-up
 

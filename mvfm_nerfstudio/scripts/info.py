@@ -28,7 +28,7 @@ def main(args: InfoArgs) -> None:
     from mvfm_nerfstudio.backbones.vit import cached_pretrained_file
 
     table = Table(title=f"mvfm-nerfstudio {__version__}: registered backbones")
-    for col in ("name", "timm weights", "patch", "default size", "width", "features", "prefix", "cached"):
+    for col in ("name", "timm weights", "patch", "default size", "width", "features", "prefix", "text tower", "cached"):
         table.add_column(col)
     for name in list_backbones():
         s = get_backbone_spec(name)
@@ -37,7 +37,7 @@ def main(args: InfoArgs) -> None:
             cached = "yes" if cached_pretrained_file(s) else "no"
         table.add_row(
             name, s.timm_pretrained_name, str(s.patch_size), "x".join(map(str, s.default_image_size)),
-            str(s.embed_dim), str(s.feature_dim), str(s.num_prefix_tokens), cached,
+            str(s.embed_dim), str(s.feature_dim), str(s.num_prefix_tokens), s.text_tower or "-", cached,
         )
     console = Console()
     console.print(table)

@@ -10,8 +10,10 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from ..backbones.registry import require_text_tower
 from ..data.readers import load_scene
 from ..feature_store import FeatureStore, FeatureStoreConfig, ViewSource
+from ..text import CANONICAL_NEGATIVES, DEFAULT_RELEVANCY_THRESHOLD, TextQuery, text_tower_for
 from ..utils.io import atomic_write
 from .images import heatmap, overview_image, save_png
 from .masks import MultiViewSegmentation, segment_views
@@ -36,9 +38,20 @@ class SegmentConfig:
     query_feature: Optional[Path] = None
     """Instead of a pixel: a query_feature.safetensors written by an earlier mvfm-segment run (any scene with the
     same backbone; it is re-projected if this scene's features are reduced differently)."""
+    text: Optional[str] = None
+    """Instead of a pixel or a feature: a text query, e.g. "red mug". Needs a backbone with a CLIP text tower
+    (--features.backbone clip_vitb16) and switches the features to CLIP's text space (--features.text-space True is
+    implied); the masks keep LERF's relevancy against --text-negatives >= --threshold (default 0.5: the query beats
+    every negative). See docs/text_queries.md."""
+    text_negatives: Tuple[str, ...] = CANONICAL_NEGATIVES
+    """Canonical negative phrases of the text relevancy (LERF's)."""
+    text_weights: Optional[str] = None
+    """Weights of the CLIP text tower: 'pretrained', a local open_clip .safetensors/.bin file, or 'random'; None =
+    the same option as --features.weights."""
     threshold: Optional[float] = None
     """Cosine-similarity threshold of the masks. None = automatic: Otsu's threshold on the histogram of all views'
-    similarities pooled together (one threshold for all views)."""
+    similarities pooled together (one threshold for all views). With --text: the relevancy threshold in [0, 1]
+    (None = 0.5)."""
     features: FeatureStoreConfig = field(default_factory=FeatureStoreConfig)
     """MVFM features (FeatureStoreConfig): backbone, weights, adapters, views per set, view grouping, resolution,
     PCA dimension, cache dir, per-scene adaptation. Without adapters (and without --features.adapt) the MVFM equals
@@ -125,10 +138,21 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
     """Run ``mvfm-segment`` (see the module docstring); returns the summary also written to ``segment.json``."""
     fcfg = config.features
     by_pixel = config.query_view is not None or config.query_pixel is not None
-    if by_pixel == (config.query_feature is not None):
-        raise ValueError("give exactly one query: --query-view I --query-pixel X Y, or --query-feature FILE")
+    by_text = config.text is not None
+    if int(by_pixel) + int(config.query_feature is not None) + int(by_text) != 1:
+        raise ValueError("give exactly one query: --query-view I --query-pixel X Y, --query-feature FILE, or --text PHRASE")
     if by_pixel and (config.query_view is None or config.query_pixel is None):
         raise ValueError("a pixel query needs both --query-view and --query-pixel")
+    tower = None
+    if by_text:
+        if not config.text.strip():
+            raise ValueError("--text is empty: give a phrase, e.g. --text \"red mug\"")
+        if config.threshold is not None and not 0.0 <= config.threshold <= 1.0:
+            raise ValueError(f"with --text, --threshold is a relevancy in [0, 1] (0.5 = the query ties with a "
+                             f"negative), got {config.threshold}")
+        require_text_tower(fcfg.backbone)  # before any work: NoTextTowerError names the backbones that have one
+        fcfg = replace(fcfg, text_space=True)
+        tower = text_tower_for(fcfg, config.text_weights)  # weights errors before the features are extracted
     scene = load_scene(config.scene)
     n = len(scene)
     if by_pixel:
@@ -152,6 +176,8 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
     store = FeatureStore(fcfg, views).prepare()
     space = store.path.name
     reduction = store.reduction_basis
+    if by_text:
+        return _segment_by_text(config, fcfg, scene, store, tower, progress)
     if by_pixel:
         xy = (float(config.query_pixel[0]) + 0.5, float(config.query_pixel[1]) + 0.5)
         query = store.sample(torch.tensor([config.query_view]), torch.tensor([xy], dtype=torch.float64))[0]
@@ -181,6 +207,28 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
     summary = {
         "scene": str(scene.root), "num_views": n, "query": source,
         "threshold": seg.threshold, "threshold_mode": seg.threshold_mode,
+        "feature_cache": str(store.path), "feature_grid": list(store.grid), "feature_dim": store.feature_dim,
+        "features": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(fcfg).items()},
+        **written,
+    }
+    atomic_write(output_dir / "segment.json", json.dumps(summary, indent=1).encode())
+    return summary
+
+
+def _segment_by_text(config: SegmentConfig, fcfg: FeatureStoreConfig, scene, store: FeatureStore, tower,
+                     progress: bool) -> Dict[str, object]:
+    """The ``--text`` branch of :func:`segment_scene`: relevancy grids of every view, one fixed threshold."""
+    query = TextQuery.encode(tower, config.text, config.text_negatives)
+    grids = [query.relevancy(store.feature_map(i), store.reduction_basis) for i in range(len(scene))]
+    threshold = DEFAULT_RELEVANCY_THRESHOLD if config.threshold is None else float(config.threshold)
+    seg = MultiViewSegmentation(grids, scene.image_sizes, threshold, "fixed" if config.threshold is not None else "lerf")
+    output_dir = Path(config.output_dir)
+    written = write_outputs(seg, scene.load_image, scene.image_paths, output_dir, None, None,
+                            config.overview_max_views, config.overview_thumb_width, progress)
+    summary = {
+        "scene": str(scene.root), "num_views": len(scene), "query": f"text {config.text!r}",
+        "text": config.text, "text_negatives": list(config.text_negatives), "text_weights": tower.weights,
+        "score": "relevancy", "threshold": seg.threshold, "threshold_mode": seg.threshold_mode,
         "feature_cache": str(store.path), "feature_grid": list(store.grid), "feature_dim": store.feature_dim,
         "features": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(fcfg).items()},
         **written,

@@ -140,7 +140,10 @@ class ExportPointCloud(_PointOptions, _RunOptions):
     Gaussians' centres (mvfm-splat), coloured by the run's PCA display basis; features in a companion .npy."""
 
     def main(self) -> Dict[str, object]:
-        run = self.load()
+        return self.export(self.load())
+
+    def export(self, run: LoadedRun) -> Dict[str, object]:
+        """Export from an already loaded run (``--load-config``, ``--data`` and ``--device`` unused)."""
         pts = _points(run, self)
         out = Path(self.output_dir)
         return _write_points(run, pts, self, out, "pointcloud", {})
@@ -152,7 +155,10 @@ class ExportSegment(QueryOptions, _PointOptions, _RunOptions):
     the surface points, with cosine similarity to the query >= threshold."""
 
     def main(self) -> Dict[str, object]:
-        run = self.load()
+        return self.export(self.load())
+
+    def export(self, run: LoadedRun) -> Dict[str, object]:
+        """Export from an already loaded run (``--load-config``, ``--data`` and ``--device`` unused)."""
         query = resolve_query(run, self)
         pts = _points(run, self)
         sim = cosine_similarity(pts.features, query.feature)[:, 0]
@@ -222,9 +228,12 @@ class ExportViews(QueryOptions, _RunOptions):
         return cameras[torch.tensor(views)], names
 
     def main(self) -> Dict[str, object]:
+        return self.export(self.load())
+
+    def export(self, run: LoadedRun) -> Dict[str, object]:
+        """Export from an already loaded run (``--load-config``, ``--data`` and ``--device`` unused)."""
         if self.downscale <= 0:
             raise ValueError(f"--downscale must be > 0, got {self.downscale}")
-        run = self.load()
         q = self  # the query options (optional here: without one, no similarity or masks)
         has_query = q.query_view is not None or q.query_pixel is not None or q.query_feature is not None
         query = resolve_query(run, q) if has_query else None

@@ -1,6 +1,6 @@
 """The picture in docs/export.md: an object cut out of an ``mvfm-splat`` run with ``mvfm-export segment``.
 
-    python benchmarks/export_demo.py --output-dir /tmp/export_demo            # ~4 min on 2 CPU cores
+    python benchmarks/export_demo.py --output-dir /tmp/export_demo            # ~2 min on 2 idle CPU cores
     python benchmarks/export_demo.py --output-dir /tmp/export_demo --iterations 300
 
 No pretrained weights are reachable here and random backbone features do not separate objects, so this demo
@@ -140,7 +140,7 @@ def _draw(run, scene: Path, full_ply: Path, seg_ply: Path, xy, other_view: int, 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--output-dir", type=Path, default=Path("/tmp/export_demo"))
-    ap.add_argument("--iterations", type=int, default=1500)
+    ap.add_argument("--iterations", type=int, default=600)
     ap.add_argument("--image", type=Path, default=Path(__file__).resolve().parents[1] / "docs/images/export_segment.png")
     args = ap.parse_args()
     torch.set_num_threads(1)

@@ -16,16 +16,28 @@ from typing import List, Optional
 
 
 def entrypoint(argv: Optional[List[str]] = None) -> None:
+    """Run one subcommand; bad input (run, query, threshold, files) exits with status 2 and the reason."""
+    import sys
+
     import tyro
     from rich.console import Console
 
     from mvfm_nerfstudio.export import Commands
 
     command = tyro.cli(Commands, args=argv)
-    summary = command.main()
-    count = summary.get("points", summary.get("gaussians", len(summary.get("views", []))))
-    Console().print(f"[green]mvfm-export[/green]: {count} {'views' if 'views' in summary else 'points'} "
-                    f"written to {command.output_dir}")
+    try:
+        summary = command.main()
+    except (ValueError, FileNotFoundError) as err:  # RunError is a ValueError
+        print(f"mvfm-export: {err}", file=sys.stderr)
+        raise SystemExit(2) from err
+    if "views" in summary:
+        what = f"{len(summary['views'])} views"
+    elif "gaussians" in summary:
+        what = f"{summary['gaussians']} of {summary['of_gaussians']} Gaussians"
+    else:
+        what = f"{summary['points']} points"
+    extra = f" (threshold {summary['threshold']:.3f}, {summary['threshold_mode']})" if "threshold" in summary else ""
+    Console().print(f"[green]mvfm-export[/green]: {what}{extra} written to {command.output_dir}")
 
 
 if __name__ == "__main__":

@@ -141,7 +141,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--output-dir", type=Path, default=Path("/tmp/export_demo"))
     ap.add_argument("--iterations", type=int, default=600)
-    ap.add_argument("--image", type=Path, default=Path(__file__).resolve().parents[1] / "docs/images/export_segment.png")
+    ap.add_argument("--image", type=Path,
+                    default=Path(__file__).resolve().parents[1] / "docs" / "images" / "export_segment.png")
     args = ap.parse_args()
     torch.set_num_threads(1)
     out = args.output_dir
@@ -194,7 +195,8 @@ def main() -> None:
     hit = ids[uv[inside, 1].long(), uv[inside, 0].long()] == obj
     precision = float(hit.float().mean()) if len(hit) else float("nan")
     print(json.dumps({"object_id": obj, "query_pixel": [x, y], "gaussians": seg["gaussians"],
-                      "of_gaussians": seg["of_gaussians"], "threshold": seg["threshold"], "load_run_s": round(t_load, 2),
+                      "of_gaussians": seg["of_gaussians"], "threshold": seg["threshold"],
+                      "load_run_s": round(t_load, 2),
                       "segment_export_s": round(t_seg, 2), "in_frame": int(inside.sum()),
                       "precision_in_query_view": round(precision, 3)}, indent=1))
     title = (f"mvfm-splat, {args.iterations} CPU iterations on ORACLE features (object-id histograms, not a backbone); "

@@ -397,8 +397,9 @@ def test_cli_writes_a_segment_and_explains_bad_input(runs, tmp_path, capsys, mon
     with pytest.raises(ValueError, match="exactly one query"):
         segment()
     q = tmp_path / "random_query.safetensors"
-    save_query(q, QueryFeature(torch.randn(run.model.feature_dim, generator=torch.Generator().manual_seed(0)), None, {}))
-    with pytest.raises(ValueError, match=r"empty segmentation: no Gaussian has similarity >= 1.000 .*lower --threshold"):
+    random_query = torch.randn(run.model.feature_dim, generator=torch.Generator().manual_seed(0))
+    save_query(q, QueryFeature(random_query, None, {}))
+    with pytest.raises(ValueError, match=r"empty segmentation: no Gaussian has similarity >= 1\.000 .*lower --threshold"):
         segment(query_feature=q, threshold=1.0)
     wrong = tmp_path / "wrong.safetensors"
     save_query(wrong, QueryFeature(torch.randn(5), None, {}))

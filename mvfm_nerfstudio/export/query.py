@@ -9,8 +9,10 @@ A query comes from
   :func:`~mvfm_nerfstudio.segmentation.query.query_in_space` (through the backbone's full channels when the
   run's PCA reduction differs).
 
-Text queries plug in as a third source: give :class:`QueryOptions` a ``query_text`` field and add one branch to
-:func:`resolve_query` that returns the text embedding in the run's feature space (see the comment there).
+* a phrase (``--query-text "red mug"``): scored by LERF's relevancy against canonical negatives
+  (:class:`~mvfm_nerfstudio.text.TextQuery`), for runs whose features live in CLIP's text space
+  (``clip_vitb16`` with ``--pipeline.datamanager.features.text-space True``). Its score is relevancy in (0, 1)
+  (default threshold 0.5: the phrase beats every negative), not cosine similarity.
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
+from ..features import PCABasis, cosine_similarity
 from ..segmentation.query import QueryFeature, load_query, query_in_space, save_query
+from ..text import DEFAULT_RELEVANCY_THRESHOLD, TextQuery, text_tower_for
 
 __all__ = ["QueryOptions", "ResolvedQuery", "resolve_query", "pixel_ray", "save_resolved_query"]
 
@@ -40,9 +44,21 @@ class QueryOptions:
     query_feature: Optional[Path] = None
     """Instead of a pixel: a query_feature.safetensors (from mvfm-segment or mvfm-export; same backbone). It is
     re-projected when its feature space differs from the run's."""
+    query_text: Optional[str] = None
+    """Instead of a pixel or file: a phrase, scored by LERF relevancy against canonical negatives. Needs a run
+    whose features are in CLIP's text space (clip_vitb16 trained with
+    --pipeline.datamanager.features.text-space True)."""
+    text_weights: Optional[str] = None
+    """Weights of the text tower for --query-text ("pretrained", a file, or "random"); None = the run's backbone
+    weights option."""
     threshold: Optional[float] = None
-    """Cosine-similarity threshold (in [-1, 1]; similarity >= threshold is in the segment). None = Otsu's threshold
-    on the histogram of the candidates' similarities (all points / Gaussians, or all pixels of all views)."""
+    """Score threshold (score >= threshold is in the segment): cosine similarity in [-1, 1] for pixel and file
+    queries, relevancy in [0, 1] for --query-text. None = Otsu's threshold on the histogram of the candidates'
+    similarities (all points / Gaussians, or all pixels of all views); 0.5 for --query-text."""
+
+    def has_query(self) -> bool:
+        """Whether any query option is set (``views`` exports run without one)."""
+        return any(v is not None for v in (self.query_view, self.query_pixel, self.query_feature, self.query_text))
 
 
 @dataclass
@@ -50,14 +66,38 @@ class ResolvedQuery:
     """A query in the run's feature space.
 
     Attributes:
-        feature: ``[D]`` float32 on the CPU.
+        feature: ``[D]`` float32 on the CPU (for a text query: the phrase's embedding in the run's feature space).
         description: for messages (``"view 3 (frame_00003.png) pixel (40, 20)"``, ``"file q.safetensors"``).
         metadata: strings saved with it (``source``, ``view``, ``pixel_xy``, ...).
+        text: the encoded phrase and negatives of a text query (then :meth:`score` is LERF relevancy), else None.
+        reduction: the run's PCA basis (text queries score reduced features through it), or None.
     """
 
     feature: torch.Tensor
     description: str
     metadata: Dict[str, str]
+    text: Optional[TextQuery] = None
+    reduction: Optional[PCABasis] = None
+
+    @property
+    def score_name(self) -> str:
+        return "relevancy" if self.text is not None else "similarity"
+
+    @property
+    def score_range(self) -> Tuple[float, float]:
+        """Range of :meth:`score`: (0, 1) for relevancy, (-1, 1) for cosine similarity."""
+        return (0.0, 1.0) if self.text is not None else (-1.0, 1.0)
+
+    @property
+    def default_threshold(self) -> Optional[float]:
+        """The threshold used when none is given: 0.5 for relevancy, None (= Otsu) for similarity."""
+        return DEFAULT_RELEVANCY_THRESHOLD if self.text is not None else None
+
+    def score(self, features: torch.Tensor) -> torch.Tensor:
+        """``[..., D] -> [...]``: cosine similarity with :attr:`feature`, or LERF relevancy for a text query."""
+        if self.text is not None:
+            return self.text.relevancy(features, self.reduction)
+        return cosine_similarity(features, self.feature)[..., 0]
 
 
 def pixel_ray(cameras, view: int, xy: Tuple[float, float]) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -85,11 +125,13 @@ def resolve_query(run, options: QueryOptions) -> ResolvedQuery:
     """
     by_pixel = options.query_view is not None or options.query_pixel is not None
     by_file = options.query_feature is not None
-    # A text query adds `by_text = options.query_text is not None` to this count and one branch below:
-    #     feature = <text embedding in the run's feature space>(run, options.query_text)
-    if by_pixel + by_file != 1:
-        raise ValueError("give exactly one query: --query-view I --query-pixel X Y, or --query-feature FILE")
+    by_text = options.query_text is not None
+    if by_pixel + by_file + by_text != 1:
+        raise ValueError("give exactly one query: --query-view I --query-pixel X Y, --query-feature FILE, or "
+                         "--query-text PHRASE")
     model = run.model
+    if by_text:
+        return _text_query(run, options)
     if by_pixel:
         if options.query_view is None or options.query_pixel is None:
             raise ValueError("a pixel query needs both --query-view and --query-pixel")
@@ -107,6 +149,24 @@ def resolve_query(run, options: QueryOptions) -> ResolvedQuery:
                              store.reduction_basis, str(options.query_feature))
     return ResolvedQuery(feature.float().cpu(), f"file {options.query_feature}",
                          {**loaded.metadata, "source": f"file:{options.query_feature}"})
+
+
+def _text_query(run, options: QueryOptions) -> ResolvedQuery:
+    """The phrase's :class:`TextQuery` (tower matching the run's backbone; NoTextTowerError / ValueError when the
+    run's features are not in a text space) and its embedding in the run's feature space."""
+    text = str(options.query_text).strip()
+    if not text:
+        raise ValueError("--query-text is empty: give a phrase, e.g. --query-text \"red mug\"")
+    store = run.feature_store
+    query = TextQuery.encode(text_tower_for(store.config, options.text_weights), text)
+    reduction = store.reduction_basis
+    embedding = query.embeddings[0].float()
+    feature = reduction.project(embedding) if reduction is not None else embedding
+    if feature.shape[-1] != store.feature_dim:
+        raise ValueError(f"the text embedding has {feature.shape[-1]} channels but the run's features "
+                         f"{store.feature_dim}: were they extracted with text-space True?")
+    return ResolvedQuery(feature.cpu(), f"text {text!r}", {"source": "text", "text": text,
+                         "negatives": json.dumps(list(query.negatives))}, text=query, reduction=reduction)
 
 
 def save_resolved_query(path: Path, run, query: ResolvedQuery) -> None:

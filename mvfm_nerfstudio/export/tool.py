@@ -23,7 +23,6 @@ from typing import Dict, List, Literal, Optional, Tuple
 import numpy as np
 import torch
 
-from ..features import cosine_similarity
 from ..segmentation.images import heatmap, save_png
 from ..segmentation.masks import otsu_threshold
 from ..utils.io import atomic_write
@@ -118,15 +117,24 @@ def _write_points(run: LoadedRun, pts: FeaturePoints, opts: _PointOptions, out: 
     return summary
 
 
-def choose_threshold(similarity: torch.Tensor, threshold: Optional[float], bins: int = 512) -> Tuple[float, str]:
-    """``(threshold, mode)``: the given cosine threshold (``"fixed"``) or Otsu's on the histogram of
-    ``similarity`` (any shape, values in [-1, 1]) with ``bins`` equal bins (``"otsu"``)."""
+def choose_threshold(score: torch.Tensor, threshold: Optional[float], bins: int = 512,
+                     value_range: Tuple[float, float] = (-1.0, 1.0), name: str = "similarity") -> Tuple[float, str]:
+    """``(threshold, mode)``: the given threshold (``"fixed"``, checked against ``value_range``) or Otsu's on the
+    histogram of ``score`` (any shape, values in ``value_range``) with ``bins`` equal bins (``"otsu"``)."""
+    lo, hi = value_range
     if threshold is not None:
-        if not -1.0 <= threshold <= 1.0:
-            raise ValueError(f"--threshold is a cosine similarity in [-1, 1], got {threshold}")
+        if not lo <= threshold <= hi:
+            raise ValueError(f"--threshold is a {name} in [{lo:g}, {hi:g}], got {threshold}")
         return float(threshold), "fixed"
-    sim = similarity.double().flatten()
-    return otsu_threshold(torch.histc(sim[torch.isfinite(sim)], bins=bins, min=-1.0, max=1.0)), "otsu"
+    values = score.double().flatten()
+    counts = torch.histc(values[torch.isfinite(values)], bins=bins, min=lo, max=hi)
+    return otsu_threshold(counts, lo, hi), "otsu"
+
+
+def _threshold_for(query: ResolvedQuery, score: torch.Tensor, threshold: Optional[float]) -> Tuple[float, str]:
+    if threshold is None and query.default_threshold is not None:
+        return query.default_threshold, f"default for {query.score_name}"
+    return choose_threshold(score, threshold, value_range=query.score_range, name=query.score_name)
 
 
 def _query_summary(query: ResolvedQuery, threshold: float, mode: str) -> Dict[str, object]:
@@ -161,12 +169,12 @@ class ExportSegment(QueryOptions, _PointOptions, _RunOptions):
         """Export from an already loaded run (``--load-config``, ``--data`` and ``--device`` unused)."""
         query = resolve_query(run, self)
         pts = _points(run, self)
-        sim = cosine_similarity(pts.features, query.feature)[:, 0]
-        threshold, mode = choose_threshold(sim, self.threshold)
+        sim = query.score(pts.features)
+        threshold, mode = _threshold_for(query, sim, self.threshold)
         keep = sim >= threshold
         if not bool(keep.any()):
             what = "Gaussian" if run.is_splat else "surface point"
-            raise ValueError(f"empty segmentation: no {what} has similarity >= {threshold:.3f} with the query "
+            raise ValueError(f"empty segmentation: no {what} has {query.score_name} >= {threshold:.3f} with the query "
                              f"({query.description}; highest {float(sim.max()):.3f}): lower --threshold")
         out = Path(self.output_dir)
         save_resolved_query(out / "query_feature.safetensors", run, query)
@@ -235,11 +243,10 @@ class ExportViews(QueryOptions, _RunOptions):
         if self.downscale <= 0:
             raise ValueError(f"--downscale must be > 0, got {self.downscale}")
         q = self  # the query options (optional here: without one, no similarity or masks)
-        has_query = q.query_view is not None or q.query_pixel is not None or q.query_feature is not None
-        query = resolve_query(run, q) if has_query else None
+        query = resolve_query(run, q) if q.has_query() else None
         cameras, names = self._cameras(run)
         out = Path(self.output_dir)
-        lo, hi = run.model.config.similarity_range
+        lo, hi = run.model.config.similarity_range if query is None or query.text is None else query.score_range
         rows, sims = [], []
         for k, name in enumerate(names):
             cam = cameras[k : k + 1]
@@ -252,7 +259,7 @@ class ExportViews(QueryOptions, _RunOptions):
             row = {"name": name, "size": [int(feature.shape[0]), int(feature.shape[1])],
                    "features": f"features/{name}.npy", "pca": f"pca/{name}.png", "rgb": f"rgb/{name}.png"}
             if query is not None:
-                sim = cosine_similarity(feature, query.feature)[..., 0]
+                sim = query.score(feature)
                 save_png(out / "similarity" / f"{name}.png", heatmap(sim, lo, hi))
                 write_features(out / "similarity" / f"{name}.npy", sim)
                 sims.append(sim)
@@ -261,14 +268,15 @@ class ExportViews(QueryOptions, _RunOptions):
                                       "cameras": str(self.camera_path) if self.camera_path else "training views",
                                       "feature_dim": run.model.feature_dim, "views": rows}
         if query is not None:
-            threshold, mode = choose_threshold(torch.cat([s.flatten() for s in sims]), q.threshold)
+            threshold, mode = _threshold_for(query, torch.cat([s.flatten() for s in sims]), q.threshold)
             for row, sim in zip(rows, sims):
                 mask = sim >= threshold
                 save_png(out / "masks" / f"{row['name']}.png", mask.numpy().astype(np.uint8) * 255)
                 row.update({"similarity": f"similarity/{row['name']}.png", "mask": f"masks/{row['name']}.png",
                             "mask_fraction": float(mask.float().mean())})
             save_resolved_query(out / "query_feature.safetensors", run, query)
-            summary.update({**_query_summary(query, threshold, mode), "similarity_range": [lo, hi]})
+            summary.update({**_query_summary(query, threshold, mode), "score": query.score_name,
+                            "similarity_range": [lo, hi]})
         atomic_write(out / "views.json", json.dumps(summary, indent=1).encode())
         return summary
 

@@ -14,22 +14,19 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from mvfm_nerfstudio.utils.cli import cli_entrypoint
 
+
+@cli_entrypoint("mvfm-export")
 def entrypoint(argv: Optional[List[str]] = None) -> None:
     """Run one subcommand; bad input (run, query, threshold, files) exits with status 2 and the reason."""
-    import sys
-
     import tyro
     from rich.console import Console
 
     from mvfm_nerfstudio.export import Commands
 
     command = tyro.cli(Commands, args=argv)
-    try:
-        summary = command.main()
-    except (ValueError, FileNotFoundError) as err:  # RunError is a ValueError
-        print(f"mvfm-export: {err}", file=sys.stderr)
-        raise SystemExit(2) from err
+    summary = command.main()  # RunError is a ValueError: one line and exit 2 (cli_entrypoint)
     if "views" in summary:
         what = f"{len(summary['views'])} views"
     elif "gaussians" in summary:

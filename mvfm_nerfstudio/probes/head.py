@@ -2,15 +2,19 @@
 
 Design (after the MVFM authors' ``eval_probe3d`` multi-view DPT probe, written anew):
 
-1. **Cross-view attention per layer.** The patch tokens of every view of a set are joined
+1. **Reduction.** Each layer's tokens are layer-normalised and linearly reduced to ``hidden_dim`` channels
+   (the authors attend at the full width; reducing first makes the attention ~(C / hidden_dim)^2 cheaper,
+   which is what makes the head CPU-trainable).
+2. **Cross-view attention per layer.** The reduced tokens of every view of a set are joined
    (``S * h * w`` tokens) and one pre-norm multi-head self-attention block with a residual runs over
    them, so each view's tokens can read every other view's. With ``view_interaction=False`` the
    attention runs within each view only: the head is then exactly a per-view head (a tested property).
-2. **Projection.** Each layer's tokens and their attended version are concatenated and projected by a
-   1x1 convolution to ``hidden_dim`` channels, then upsampled 2x.
+   The reduced tokens and their attended version are concatenated and projected by a 1x1 convolution to
+   ``hidden_dim`` channels.
 3. **DPT fusion.** Residual convolution units fuse the layers from the deepest to the shallowest
-   (``out = RCU(RCU(x_l) + out)``).
-4. **Output.** 3x3 conv -> ReLU -> 2x upsampling -> 3x3 conv to 3 channels (the normal, normalised to unit
+   (``out = RCU(RCU(x_l) + out)``), at the feature grid (the authors fuse at 2x; all ViT layers share one
+   grid, so nothing is lost but the cost).
+4. **Output.** 2x upsampling -> 3x3 conv -> ReLU -> 2x upsampling -> 3x3 conv to 3 channels (the normal, normalised to unit
    length) plus, with ``uncertainty=True``, one concentration channel
    ``kappa = elu(x) + 1 + KAPPA_MIN`` (a von Mises-Fisher-like confidence, Bae et al. 2021, as Probe3D).
 
@@ -22,8 +26,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass, field
-from typing import Dict, List, Optional, Sequence, Tuple
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -51,7 +55,7 @@ class NormalHeadConfig:
     hidden_dim: int = 64
     """Channels of the fusion stage."""
     num_heads: int = 4
-    """Attention heads of the cross-view attention (must divide every in_dim)."""
+    """Attention heads of the cross-view attention (must divide hidden_dim)."""
     view_interaction: bool = True
     """Cross-view attention over all views of a set; False = attention within each view (a per-view head)."""
     uncertainty: bool = True
@@ -128,8 +132,9 @@ class MultiViewNormalHead(nn.Module):
             raise ValueError("NormalHeadConfig.in_dims is empty: the head needs at least one feature layer")
         self.config = config
         d = config.hidden_dim
-        self.attention = nn.ModuleList(CrossViewAttention(c, config.num_heads) for c in config.in_dims)
-        self.project = nn.ModuleList(nn.Conv2d(2 * c, d, 1) for c in config.in_dims)
+        self.reduce = nn.ModuleList(nn.Sequential(nn.LayerNorm(c), nn.Linear(c, d)) for c in config.in_dims)
+        self.attention = nn.ModuleList(CrossViewAttention(d, config.num_heads) for _ in config.in_dims)
+        self.project = nn.ModuleList(nn.Conv2d(2 * d, d, 1) for _ in config.in_dims)
         n = len(config.in_dims)
         self.fusion = nn.ModuleList(_Fusion(d, with_skip=i < n - 1) for i in range(n))
         self.out_conv1 = nn.Conv2d(d, d // 2, 3, padding=1)
@@ -144,13 +149,13 @@ class MultiViewNormalHead(nn.Module):
         for i, x in enumerate(layers):
             if x.ndim != 5 or x.shape[2] != cfg.in_dims[i] or tuple(x.shape[-2:]) != (h, w):
                 raise ValueError(f"feature layer {i} must be [B, S, {cfg.in_dims[i]}, {h}, {w}], got {tuple(x.shape)}")
-            x = x.float()
+            x = self.reduce[i](x.float().movedim(2, -1)).movedim(-1, 2)
             y = torch.cat([x, self.attention[i](x, across_views=cfg.view_interaction)], dim=2).flatten(0, 1)
-            projected.append(F.interpolate(self.project[i](y), scale_factor=2, mode="bilinear", align_corners=False))
+            projected.append(self.project[i](y))
         out = None
         for i in reversed(range(len(projected))):
             out = self.fusion[i](projected[i], out)
-        out = F.relu(self.out_conv1(out))
+        out = F.relu(self.out_conv1(F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=False)))
         out = self.out_conv2(F.interpolate(out, scale_factor=2, mode="bilinear", align_corners=False))
         normals = F.normalize(out[:, :3], dim=1, eps=1e-6).view(b, s, 3, *out.shape[-2:])
         kappa = None

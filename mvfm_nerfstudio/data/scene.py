@@ -31,7 +31,12 @@ from ..geometry.cameras import CameraError, scale_intrinsics, validate_cam_to_wo
 from ..errors import SceneError
 from ..geometry.distortion import has_distortion, undistortion_grid
 from ..geometry.feature_grid import floor_to_patch
-from ..geometry.normals import DEFAULT_MAX_REL_JUMP, camera_to_world_normals, normals_from_depth, world_to_camera_normals
+from ..geometry.normals import (
+    DEFAULT_MAX_REL_JUMP,
+    camera_to_world_normals,
+    normals_from_depth,
+    world_to_camera_normals,
+)
 from .files import read_depth_file, read_image, read_image_size, read_label_file, read_normal_file
 
 __all__ = [

@@ -19,7 +19,7 @@ difference would mix two surfaces). A pixel without a usable x- and y-tangent ha
 from __future__ import annotations
 
 import math
-from typing import Dict, Optional, Tuple
+from typing import Dict
 
 import numpy as np
 import torch
@@ -50,8 +50,8 @@ ANGLE_THRESHOLDS = (11.25, 22.5, 30.0)
 def _camera_points(depth: torch.Tensor, intrinsics: torch.Tensor) -> torch.Tensor:
     """Camera-frame points ``[H, W, 3]`` (float64) of one ``[H, W]`` z-depth map."""
     h, w = depth.shape
-    xy = pixel_centers(h, w, dtype=torch.float64).reshape(-1, 2)
-    identity = torch.eye(4, dtype=torch.float64)
+    xy = pixel_centers(h, w, device=depth.device, dtype=torch.float64).reshape(-1, 2)
+    identity = torch.eye(4, dtype=torch.float64, device=depth.device)
     pts = unproject_pixels(xy, depth.reshape(-1).double().nan_to_num(0.0), intrinsics.double(), identity)
     return pts.reshape(h, w, 3)
 
@@ -139,7 +139,8 @@ def _box_average(n: torch.Tensor, valid: torch.Tensor, radius: int) -> torch.Ten
 
 
 def rotate_normals(normals: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
-    """``R n`` per pixel: ``normals [..., 3, H, W]``, ``rotation [..., 3, 3]`` (same leading shape) -> ``[..., 3, H, W]``.
+    """``R n`` per pixel: ``normals [..., 3, H, W]``, ``rotation [..., 3, 3]`` (same leading shape) ->
+    ``[..., 3, H, W]``.
 
     NaN (invalid) pixels stay NaN. The result has the dtype of ``normals``.
     """
@@ -204,7 +205,7 @@ def normals_to_rgb(normals: torch.Tensor, camera_frame: bool = True) -> np.ndarr
         raise ValueError(f"normals must be [3, H, W], got {tuple(normals.shape)}")
     n = normals.detach().double().cpu()
     if camera_frame:
-        n = n * torch.tensor([1.0, -1.0, -1.0], dtype=n.dtype)[:, None, None]
+        n = n * torch.tensor([1.0, -1.0, -1.0], dtype=n.dtype, device=n.device)[:, None, None]
     valid = torch.isfinite(n).all(0)
     rgb = ((n.nan_to_num(0.0) + 1) * 0.5).clamp(0, 1) * 255
     rgb = rgb.round().to(torch.uint8).permute(1, 2, 0)

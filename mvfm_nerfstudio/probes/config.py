@@ -159,7 +159,9 @@ def load_normals_preset(name_or_path: str) -> NormalsTrainConfig:
     else:
         presets = preset_files(_PRESET_PACKAGE)
         if name_or_path not in presets:
-            raise ValueError(f"unknown mvfm-normals preset {name_or_path!r}: not a file and not one of {sorted(presets)}")
+            raise ValueError(
+                f"unknown mvfm-normals preset {name_or_path!r}: not a file and not one of {sorted(presets)}"
+            )
         text, suffix = presets[name_or_path].read_text(), ".yaml"
     data = (json.loads(text) if suffix == ".json" else yaml.safe_load(text)) or {}
     data.pop("description", None)

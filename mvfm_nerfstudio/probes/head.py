@@ -14,8 +14,8 @@ Design (after the MVFM authors' ``eval_probe3d`` multi-view DPT probe, written a
 3. **DPT fusion.** Residual convolution units fuse the layers from the deepest to the shallowest
    (``out = RCU(RCU(x_l) + out)``), at the feature grid (the authors fuse at 2x; all ViT layers share one
    grid, so nothing is lost but the cost).
-4. **Output.** 2x upsampling -> 3x3 conv -> ReLU -> 2x upsampling -> 3x3 conv to 3 channels (the normal, normalised to unit
-   length) plus, with ``uncertainty=True``, one concentration channel
+4. **Output.** 2x upsampling -> 3x3 conv -> ReLU -> 2x upsampling -> 3x3 conv to 3 channels (the normal,
+   normalised to unit length) plus, with ``uncertainty=True``, one concentration channel
    ``kappa = elu(x) + 1 + KAPPA_MIN`` (a von Mises-Fisher-like confidence, Bae et al. 2021, as Probe3D).
 
 The output grid is ``4x`` the feature grid; callers upsample to the image (:func:`upsample_normals`).
@@ -99,7 +99,9 @@ class CrossViewAttention(nn.Module):
 class _ResidualConvUnit(nn.Module):
     def __init__(self, dim: int):
         super().__init__()
-        self.body = nn.Sequential(nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1))
+        self.body = nn.Sequential(
+            nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1), nn.ReLU(), nn.Conv2d(dim, dim, 3, padding=1)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x + self.body(x)

@@ -61,7 +61,7 @@ def target_from_camera(cam_to_world: torch.Tensor, frame: str) -> torch.Tensor:
     """
     rot = cam_to_world[..., :3, :3].double()
     if frame == "camera":
-        return torch.eye(3, dtype=torch.float64).expand_as(rot).clone()
+        return torch.eye(3, dtype=torch.float64, device=rot.device).expand_as(rot).clone()
     if frame == "world":
         return rot
     if frame == "reference":
@@ -75,7 +75,7 @@ def world_from_target(cam_to_world: torch.Tensor, frame: str) -> torch.Tensor:
     if frame == "camera":
         return rot
     if frame == "world":
-        return torch.eye(3, dtype=torch.float64).expand_as(rot).clone()
+        return torch.eye(3, dtype=torch.float64, device=rot.device).expand_as(rot).clone()
     if frame == "reference":
         return rot[..., :1, :, :].expand_as(rot).clone()
     raise ValueError(f"frame must be one of {FRAMES}, got {frame!r}")
@@ -145,11 +145,6 @@ def extract_layers(
     raise ValueError(f"features must be one of {FEATURES}, got {features!r}")
 
 
-def head_outputs(probe: NormalProbe, layer_feats: Sequence[torch.Tensor]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """The head on cached features: normals ``[B, S, 3, 4h, 4w]`` in the probe's frame and kappa."""
-    return probe.head(layer_feats)
-
-
 @torch.no_grad()
 def predict_normals(
     model: MultiViewFoundationModel,
@@ -213,7 +208,9 @@ def load_probe(path: Union[str, Path], device: Union[str, torch.device] = "cpu")
 
     path = Path(path)
     if not path.is_file():
-        raise CheckpointMismatchError(f"normal head checkpoint {path} does not exist (train one with `mvfm-normals train`)")
+        raise CheckpointMismatchError(
+            f"normal head checkpoint {path} does not exist (train one with `mvfm-normals train`)"
+        )
     try:
         with safe_open(str(path), framework="pt") as f:
             meta = f.metadata() or {}

@@ -27,7 +27,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import torch
 
 from ..data.correspondences import correspondences_from_depth, correspondences_from_tracks
@@ -87,7 +86,7 @@ def training_sets(scene: PosedScene, train: Sequence[int], num_views: int) -> Li
 def heldout_sets(scene: PosedScene, train: Sequence[int], held: Sequence[int], num_views: int) -> List[Tuple[int, ...]]:
     """For each held-out view: (that view, its ``num_views - 1`` nearest training views)."""
     dist = view_distances(scene.cam_to_world)
-    train_t = torch.tensor(list(train))
+    train_t = torch.tensor(list(train))  # device: view indices into CPU pose tensors
     k = min(num_views - 1, len(train_t))
     out = []
     for h in held:
@@ -223,7 +222,7 @@ def _train(cfg: NormalsTrainConfig, model, scene) -> Tuple[Path, Optional[Dict]]
         probe.train()
         while step < cfg.steps:
             g = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-            pick = torch.randint(len(data.sets), (cfg.batch_sets,), generator=g)
+            pick = torch.randint(len(data.sets), (cfg.batch_sets,), generator=g)  # device: indexes the CPU cache
             feats = [x[pick].to(device).float() for x in data.layers]
             for group in opt.param_groups:
                 group["lr"] = _lr_at(cfg, step)
@@ -391,7 +390,9 @@ def run_normals_eval(cfg: NormalsEvalConfig) -> Dict:
         model = build_model(spec)
         probe = probe.to(next(model.parameters()).device)
         scene = load_scene(cfg.scene if cfg.scene is not None else meta["scene"])
-        constant = torch.tensor(json.loads(meta["constant_normal"])) if "constant_normal" in meta else None
+        constant = None
+        if "constant_normal" in meta:
+            constant = torch.tensor(json.loads(meta["constant_normal"]))  # device: compared with CPU ground truth
         out = cfg.output_dir if cfg.output_dir is not None else Path(cfg.head).parent / "eval"
         return evaluate_normal_probe(model, probe, scene, int(meta["image_size"]), int(meta["num_views"]),
                                      int(meta["holdout_every"]), Path(out), train_cfg, progress=cfg.progress,

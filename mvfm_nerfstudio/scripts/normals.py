@@ -27,7 +27,8 @@ def print_metrics(metrics) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{metrics['scene']}: held-out normals ({metrics['features']} features, {metrics['frame']} frame)")
+    title = f"{metrics['scene']}: held-out normals ({metrics['features']} features, {metrics['frame']} frame)"
+    table = Table(title=title)
     keys = ["mean", "median", "rmse", "pct_11.25", "pct_22.5", "pct_30"]
     table.add_column("predictor")
     for k in keys:

@@ -133,6 +133,8 @@ def test_generated_scene_normals_files_agree_with_depth():
     assert float(exact[:, 2][torch.isfinite(exact[:, 2])].max()) < 0.3
     small = scene.load_normals([0], size=(48, 64))
     assert small.shape == (1, 3, 48, 64)
+    sub = scene.subset([3])  # subsets keep their normal files
+    assert torch.allclose(sub.load_normals([0], source="files"), exact[1:], equal_nan=True)
 
 
 def test_real_scene_normals_from_depth(shared_data):

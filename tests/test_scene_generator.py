@@ -69,7 +69,7 @@ def test_written_files_follow_the_nerfstudio_format():
     assert meta["camera_model"] == "PINHOLE" and (meta["w"], meta["h"]) == (128, 96)
     assert meta["cx"] == 64.0 and meta["cy"] == 48.0 and meta["fl_x"] == meta["fl_y"]
     frame = meta["frames"][0]
-    assert set(frame) == {"file_path", "transform_matrix", "depth_file_path", "object_id_path"}
+    assert set(frame) == {"file_path", "transform_matrix", "depth_file_path", "object_id_path", "normal_file_path"}
     assert "mask_path" not in frame  # object ids must not become Nerfstudio loss masks
     depth = np.array(Image.open(root / frame["depth_file_path"]))
     assert depth.dtype == np.uint16 and (depth == 0).any() and (depth > 0).mean() > 0.5

@@ -37,9 +37,12 @@ def test_wheel_contains_presets_and_entry_points(wheel):
         entry_points = zf.read(next(n for n in names if n.endswith("entry_points.txt"))).decode()
     presets = sorted(Path(n).name for n in names if n.startswith("mvfm_nerfstudio/configs/train/") and n.endswith(".yaml"))
     assert presets == ["paper-dinov2.yaml", "scene-adapt-cpu.yaml", "tiny-test.yaml"]
+    normals = sorted(Path(n).name for n in names if n.startswith("mvfm_nerfstudio/configs/normals/") and n.endswith(".yaml"))
+    assert normals == ["normals-cpu.yaml", "tiny-test.yaml"]
     assert not any(n.startswith(("tests/", "benchmarks/", "docs/")) for n in names)
     assert "mvfm-features = mvfm_nerfstudio.nerfstudio_plugin.features_method:mvfm_features" in entry_points
     assert "mvfm-train = mvfm_nerfstudio.scripts.train:entrypoint" in entry_points
+    assert "mvfm-normals = mvfm_nerfstudio.scripts.normals:entrypoint" in entry_points
 
 
 @pytest.mark.slow

@@ -29,7 +29,7 @@ import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Mapping, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from urllib.parse import urlparse
 
 import torch
@@ -441,12 +441,39 @@ class FoundationBackbone(nn.Module):
             c = x.shape[-1]
         return x.transpose(1, 2).reshape(n, c, h, w)
 
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        """Base-model dense features: ``[N, 3, H, W]`` in [0, 1] -> ``[N, F, H/p, W/p]``."""
+    def layer_features(self, tokens: torch.Tensor, ctx: TokenContext) -> torch.Tensor:
+        """Patch tokens after some block as a map ``[N, C, h, w]`` (C = embed width), a copy: with the final
+        LayerNorm for ViTs (DPT probes read normalised intermediate tokens), raw for SAM (no such norm)."""
+        n, _, c = tokens.shape
+        h, w = ctx.grid
+        x = tokens if self.family == "sam" else self.model.norm(tokens)[:, self.num_prefix_tokens:]
+        return x.transpose(1, 2).reshape(n, c, h, w).clone()
+
+    def forward(self, images: torch.Tensor, return_layers: Optional[Sequence[int]] = None):
+        """Base-model dense features: ``[N, 3, H, W]`` in [0, 1] -> ``[N, F, H/p, W/p]``.
+
+        With ``return_layers`` (block indices, negative from the end), returns ``(features, layers)`` where
+        ``layers[k]`` is :meth:`layer_features` after block ``return_layers[k]``.
+        """
+        want = self.layer_indices(return_layers)
         tokens, ctx = self.embed(self.normalize(images))
+        layers = {}
         for i in range(self.depth):
             tokens = self.run_block(i, tokens, ctx)
-        return self.head(tokens, ctx)
+            if i in want:
+                layers[i] = self.layer_features(tokens, ctx)
+        feats = self.head(tokens, ctx)
+        return feats if return_layers is None else (feats, [layers[i] for i in want])
+
+    def layer_indices(self, layers: Optional[Sequence[int]]) -> List[int]:
+        """Block indices ``layers`` (negative = from the end) as non-negative ints; [] for None; named error if
+        out of range."""
+        out = []
+        for b in layers or ():
+            if not -self.depth <= int(b) < self.depth:
+                raise ValueError(f"layer index {b} is out of range for {self.spec.name} with {self.depth} blocks")
+            out.append(int(b) % self.depth)
+        return out
 
 
 def _resample_bilinear_nhwc(pos: torch.Tensor, grid: Tuple[int, int]) -> torch.Tensor:

@@ -15,7 +15,7 @@ import torch
 
 from ..errors import SceneError
 
-__all__ = ["read_image", "read_image_size", "read_depth_file", "read_label_file"]
+__all__ = ["read_image", "read_image_size", "read_depth_file", "read_label_file", "read_normal_file"]
 
 Size = Tuple[int, int]
 
@@ -85,6 +85,31 @@ def read_depth_file(path: Path, scale: float) -> torch.Tensor:
     depth = depth * scale
     depth[invalid] = np.nan
     return torch.from_numpy(depth.astype(np.float32))
+
+
+def read_normal_file(path: Path) -> torch.Tensor:
+    """Normal map ``[3, H, W]`` float32 from a ``.npy`` of shape ``[H, W, 3]`` (unit vectors, NaN = none).
+
+    Vectors far from unit length (not normals, or a 0-255 image) are rejected; the rest are renormalised.
+    """
+    path = Path(path)
+    if path.suffix != ".npy":
+        raise SceneError(f"normal file {path} must be a .npy [H, W, 3] float array (got {path.suffix or 'no suffix'})")
+    if not path.is_file():
+        raise SceneError(f"normal file {path} does not exist")
+    try:
+        raw = np.load(path, allow_pickle=False)
+    except Exception as err:  # noqa: BLE001 - any read failure is a bad file
+        raise SceneError(f"normal file {path} could not be read: {err}") from None
+    if raw.ndim != 3 or raw.shape[-1] != 3 or not np.issubdtype(raw.dtype, np.floating):
+        raise SceneError(f"normal file {path} must be a float [H, W, 3] array, got {raw.dtype} {raw.shape}")
+    n = torch.from_numpy(raw.astype(np.float32)).permute(2, 0, 1).contiguous()
+    length = n.norm(dim=0)
+    finite = torch.isfinite(length)
+    if finite.any() and ((length[finite] - 1).abs() > 0.01).any():
+        raise SceneError(f"normal file {path} holds vectors that are not unit length (|n| up to "
+                         f"{float(length[finite].max()):.3g}); expected unit normals with NaN where none")
+    return n / length.clamp(min=1e-12)
 
 
 def read_label_file(path: Path) -> torch.Tensor:

@@ -21,6 +21,8 @@ Output folder::
     images/frame_00000.png RGB
     depth/frame_00000.png  16-bit z-depth, metres = raw * depth_unit_scale_factor, 0 = no surface
     object_ids/frame_00000.png  8/16-bit object id (0 = sky, 1 = ground, 2.. = objects)
+    normals/frame_00000.npy  float16 [H, W, 3] exact unit surface normals in the WORLD frame at the pixel
+                           centre, facing the camera; NaN = no surface (per-frame ``normal_file_path``)
     objects.json           the objects (id, type, geometry, palette)
     sparse/0/              optional COLMAP model (PINHOLE, exact tracks of surface points)
 
@@ -59,7 +61,7 @@ __all__ = [
     "tiny_config",
 ]
 
-GENERATOR_VERSION = 1
+GENERATOR_VERSION = 2
 
 
 @dataclass
@@ -347,10 +349,12 @@ class ProceduralScene:
         return t_best, n_best, id_best
 
     def shade(self, o: torch.Tensor, d: torch.Tensor) -> Dict[str, torch.Tensor]:
-        """Trace rays: ``rgb [R, 3]``, ``t [R]`` (inf = sky), ``ids [R]``, ``points [R, 3]``."""
+        """Trace rays: ``rgb [R, 3]``, ``t [R]`` (inf = sky), ``ids [R]``, ``points [R, 3]``, ``normals [R, 3]``
+        (unit, facing the ray origin; NaN for sky)."""
         t, n, ids = self.cast(o, d)
         hit = ids > 0
         pts = o + t.nan_to_num(posinf=0).unsqueeze(-1) * d
+        normals = torch.full_like(d, math.nan)
         # sky: a gradient by ray elevation (at infinity, so view-consistent)
         up = d[:, 2].clamp(-1, 1).unsqueeze(-1)
         rgb = torch.tensor([0.78, 0.84, 0.92], dtype=o.dtype) * (1 - up.clamp(min=0)) + torch.tensor(
@@ -360,6 +364,7 @@ class ProceduralScene:
             hp, hn, hid = pts[hit], n[hit], ids[hit]
             # normals face the ray origin side (inside views never happen, but be safe)
             hn = torch.where(((hn * d[hit]).sum(-1) > 0).unsqueeze(-1), -hn, hn)
+            normals[hit] = hn
             light = torch.from_numpy(self.light)
             lambert = (hn @ light).clamp(min=0)
             if self.shadows:
@@ -372,7 +377,7 @@ class ProceduralScene:
                     albedo[m] = obj.texture(hp[m], self.noise)
             rgb[hit] = albedo * (self.ambient + (1 - self.ambient) * lambert).unsqueeze(-1)
         return {"rgb": rgb.clamp(0, 1), "t": torch.where(hit, t, torch.full_like(t, math.inf)), "ids": ids,
-                "points": pts}
+                "points": pts, "normals": normals}
 
 
 def build_scene(config: SceneGeneratorConfig) -> ProceduralScene:
@@ -460,7 +465,8 @@ def render_view(
     Returns:
         ``rgb [H, W, 3]`` float in [0, 1] (mean of ``supersample**2`` sub-pixel samples),
         ``depth [H, W]`` z-depth at the pixel centre (inf where no surface), ``ids [H, W]``
-        long object id at the pixel centre (0 = sky), ``points [H, W, 3]`` world hit points.
+        long object id at the pixel centre (0 = sky), ``points [H, W, 3]`` world hit points, ``normals [H, W, 3]``
+        exact world-frame unit normals at the pixel centre facing the camera (NaN where no surface).
     """
     with single_threaded():
         return _render_view(scene, intrinsics.double(), cam_to_world.double(), height, width, supersample, chunk)
@@ -503,6 +509,7 @@ def _render_view(
         "depth": depth.reshape(height, width),
         "ids": centre["ids"].reshape(height, width),
         "points": centre["points"].reshape(height, width, 3),
+        "normals": centre["normals"].reshape(height, width, 3),
     }
 
 
@@ -627,7 +634,7 @@ def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) 
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{output_dir.name}.", dir=output_dir.parent))
     try:
-        for sub in ("images", "depth", "object_ids"):
+        for sub in ("images", "depth", "object_ids", "normals"):
             (tmp / sub).mkdir()
         frames, renders, names = [], [], []
         task_iter = range(config.num_views)
@@ -655,11 +662,14 @@ def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) 
             _save_png(tmp / "images" / name, rgb)
             _save_png(tmp / "depth" / name, raw)
             _save_png(tmp / "object_ids" / name, ids)
+            normal_name = f"frame_{i:05d}.npy"
+            np.save(tmp / "normals" / normal_name, r["normals"].numpy().astype(np.float16))
             frames.append({
                 "file_path": f"images/{name}",
                 "transform_matrix": opencv_to_opengl(c2w[i]).tolist(),
                 "depth_file_path": f"depth/{name}",
                 "object_id_path": f"object_ids/{name}",
+                "normal_file_path": f"normals/{normal_name}",
             })
             names.append(name)
             if config.write_colmap:
@@ -673,7 +683,8 @@ def _make_scene(config: SceneGeneratorConfig, output_dir: Path, progress: bool) 
             "applied_transform": [[1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 0.0, 0.0], [0.0, 0.0, 1.0, 0.0]],
             "frames": frames,
             "mvfm_generator": {"version": GENERATOR_VERSION, "config": asdict(config),
-                               "depth": "z-depth in the OpenCV camera frame (metres = raw * depth_unit_scale_factor)"},
+                               "depth": "z-depth in the OpenCV camera frame (metres = raw * depth_unit_scale_factor)",
+                               "normals": "float16 [H, W, 3] world-frame unit normals facing the camera, NaN = sky"},
         }
         (tmp / "transforms.json").write_text(json.dumps(transforms, indent=1))
         objects = {"background_id": 0, "objects": [o.to_json() for o in scene.objects],

@@ -2,7 +2,7 @@
 
 * :func:`read_nerfstudio_scene` reads OpenGL ``transform_matrix`` poses, global or per-frame
   ``fl_x, fl_y, cx, cy, w, h`` (or ``camera_angle_x``), OPENCV distortion ``k1, k2, p1, p2``,
-  ``depth_file_path`` + ``depth_unit_scale_factor`` and the custom per-frame ``object_id_path``.
+  ``depth_file_path`` + ``depth_unit_scale_factor`` and the custom per-frame ``object_id_path`` and ``normal_file_path``.
   Frames are sorted by file path, exactly like Nerfstudio's dataparser, so view ``i`` here is
   image ``i`` of ``DataparserOutputs`` before the train/eval split.
 * :func:`read_colmap_scene` reads a COLMAP model (``cameras/images/points3D`` .bin or .txt)
@@ -185,6 +185,7 @@ def read_nerfstudio_scene(path: PathLike, check_files: bool = True, name: Option
         depth_paths=_optional_paths(frames, root, "depth_file_path", json_path),
         depth_scale=float(meta.get("depth_unit_scale_factor", 1e-3)),
         object_id_paths=_optional_paths(frames, root, "object_id_path", json_path),
+        normal_paths=_optional_paths(frames, root, "normal_file_path", json_path),
         frame_names=[str(f["file_path"]) for f in frames],
     )
     applied = meta.get("applied_transform")

@@ -31,7 +31,13 @@ from ..geometry.cameras import CameraError, scale_intrinsics, validate_cam_to_wo
 from ..errors import SceneError
 from ..geometry.distortion import has_distortion, undistortion_grid
 from ..geometry.feature_grid import floor_to_patch
-from .files import read_depth_file, read_image, read_image_size, read_label_file
+from ..geometry.normals import (
+    DEFAULT_MAX_REL_JUMP,
+    camera_to_world_normals,
+    normals_from_depth,
+    world_to_camera_normals,
+)
+from .files import read_depth_file, read_image, read_image_size, read_label_file, read_normal_file
 
 __all__ = [
     "SceneError",
@@ -166,6 +172,8 @@ class PosedScene:
         depth_paths: ``N`` depth files (z-depth, ``raw * depth_scale``) or None.
         depth_scale: scene units per raw depth unit.
         object_id_paths: ``N`` integer label PNGs (0 = background) or None.
+        normal_paths: ``N`` ground-truth normal files (``.npy`` ``[H, W, 3]`` float world-frame unit normals, NaN
+            = none; written by the scene generator) or None.
         tracks: SfM tracks (ground-truth correspondences) or None.
         frame_names: ``N`` names used in error messages (defaults to the image file names).
     """
@@ -180,6 +188,7 @@ class PosedScene:
     depth_paths: Optional[List[Path]] = None
     depth_scale: float = 1.0
     object_id_paths: Optional[List[Path]] = None
+    normal_paths: Optional[List[Path]] = None
     tracks: Optional[Tracks] = None
     frame_names: Optional[List[str]] = None
     _cache: Dict[object, object] = field(default_factory=dict, repr=False, compare=False)
@@ -208,7 +217,7 @@ class PosedScene:
                 raise SceneError(f"scene {self.name!r}: distortion must be [{n}, 4], got {tuple(self.distortion.shape)}")
             if not has_distortion(self.distortion):
                 self.distortion = None
-        for key in ("depth_paths", "object_id_paths"):
+        for key in ("depth_paths", "object_id_paths", "normal_paths"):
             paths = getattr(self, key)
             if paths is not None:
                 if len(paths) != n:
@@ -291,6 +300,7 @@ class PosedScene:
             depth_paths=None if self.depth_paths is None else [self.depth_paths[i] for i in idx],
             depth_scale=self.depth_scale,
             object_id_paths=None if self.object_id_paths is None else [self.object_id_paths[i] for i in idx],
+            normal_paths=None if self.normal_paths is None else [self.normal_paths[i] for i in idx],
             tracks=tracks, frame_names=[self.frame_names[i] for i in idx],
         )
 
@@ -405,3 +415,68 @@ class PosedScene:
             raise SceneError(f"scene {self.name!r} has no object-id maps")
         idx = _as_index_list(indices, len(self), self.name)
         return self._load_maps(idx, size, self.object_id_paths, read_label_file)
+
+    @property
+    def has_normals(self) -> bool:
+        """Ground-truth normals are available: normal files, or depth maps to derive them from."""
+        return self.normal_paths is not None or self.depth_paths is not None
+
+    def load_normals(
+        self,
+        indices: IndexLike,
+        size: Optional[Size] = None,
+        frame: str = "camera",
+        source: str = "auto",
+        max_rel_jump: float = DEFAULT_MAX_REL_JUMP,
+        smooth_radius: int = 3,
+    ) -> torch.Tensor:
+        """Ground-truth unit normals ``[S, 3, H, W]`` float32, NaN where there is none (nearest resize).
+
+        Args:
+            indices: view indices.
+            size: ``(H, W)`` output size; None keeps the original size (all views must share it).
+            frame: ``"camera"`` (each view's OpenCV camera frame) or ``"world"``.
+            source: ``"files"`` (``normal_paths``: exact, generated scenes), ``"depth"`` (derived from the depth
+                maps at their full resolution by :func:`~mvfm_nerfstudio.geometry.normals.normals_from_depth`,
+                then resized), or ``"auto"`` (files if present, else depth).
+            max_rel_jump: depth-discontinuity threshold for ``source="depth"``.
+            smooth_radius: for ``source="depth"``: normals averaged over a ``(2r+1)^2`` window at the depth map's
+                resolution (sensor depth is too noisy for per-pixel differences); 0 = off.
+        """
+        if frame not in ("camera", "world"):
+            raise SceneError(f"frame must be 'camera' or 'world', got {frame!r}")
+        if source not in ("auto", "files", "depth"):
+            raise SceneError(f"source must be 'auto', 'files' or 'depth', got {source!r}")
+        if source == "auto":
+            source = "files" if self.normal_paths is not None else "depth"
+        if source == "files" and self.normal_paths is None:
+            raise SceneError(f"scene {self.name!r} has no normal files (no normal_file_path in its transforms.json); "
+                             "use source='depth' if it has depth maps")
+        if source == "depth" and self.depth_paths is None:
+            raise SceneError(
+                f"scene {self.name!r} has neither normal files nor depth maps: ground-truth normals need a "
+                "per-frame normal_file_path or depth_file_path in transforms.json"
+            )
+        idx = _as_index_list(indices, len(self), self.name)
+        target = self._target_size(idx, size, None)
+        out = []
+        for i in idx:
+            c2w = self.cam_to_world[i]
+            if source == "files":
+                n = read_normal_file(self.normal_paths[i])  # [3, H, W] world frame
+                if tuple(n.shape[-2:]) != self.image_size(i):
+                    raise SceneError(
+                        f"normal file {self.normal_paths[i]} is {n.shape[-2]}x{n.shape[-1]} (HxW) but its image "
+                        f"{self.frame_names[i]} is {self.image_size(i)[0]}x{self.image_size(i)[1]}: normal maps "
+                        "must have the image's size"
+                    )
+                n = self._undistort_map(i, "nearest", n)
+                if frame == "camera":
+                    n = world_to_camera_normals(n, c2w)
+            else:
+                depth = self.load_depth([i])[0]  # original image size, undistorted
+                n = normals_from_depth(depth, self.intrinsics[i], max_rel_jump, smooth_radius)
+                if frame == "world":
+                    n = camera_to_world_normals(n, c2w)
+            out.append(resize_image(n.float(), target, "nearest"))
+        return torch.stack(out)

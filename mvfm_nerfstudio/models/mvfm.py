@@ -19,7 +19,7 @@ their token conventions); their LoRA is merged into the backbone (:attr:`MultiVi
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -306,8 +306,15 @@ class MultiViewFoundationModel(nn.Module):
         images: torch.Tensor,
         intrinsics: Optional[torch.Tensor] = None,
         cam_to_world: Optional[torch.Tensor] = None,
-    ) -> torch.Tensor:
-        """Multi-view consistent features ``[B, S, F, h, w]`` (see the class docstring for shapes)."""
+        return_layers: Optional[Sequence[int]] = None,
+    ):
+        """Multi-view consistent features ``[B, S, F, h, w]`` (see the class docstring for shapes).
+
+        With ``return_layers`` (block indices, negative from the end) returns ``(features, layers)``, where
+        ``layers[k]`` ``[B, S, C, h, w]`` are the patch tokens after block ``return_layers[k]`` and its adapter
+        (:meth:`~mvfm_nerfstudio.backbones.vit.FoundationBackbone.layer_features`), e.g. for DPT probes.
+        """
+        want = self.backbone.layer_indices(return_layers)
         intrinsics, cam_to_world = self._check_inputs(images, intrinsics, cam_to_world)
         b, s, _, height, width = images.shape
         bb = self.backbone
@@ -326,10 +333,13 @@ class MultiViewFoundationModel(nn.Module):
         # knn with every other view as a neighbour and no pooling is the joint attention: take the cheaper path
         if self.config.attention == "knn" and (self.config.num_neighbors < s - 1 or kv_pool > 1):
             neighbors = select_neighbor_views(self.config.num_neighbors, s, b, normalized).to(images.device)
+        layers: Dict[int, torch.Tensor] = {}
         for i in range(bb.depth):
             tokens = bb.run_block(i, tokens, ctx)
             a = self.adapter_of_block[i]
             if a < 0:
+                if i in want:
+                    layers[i] = bb.layer_features(tokens, ctx)
                 continue
             patch = tokens[:, start:].view(b, s, t, -1)  # a view of the adapted tokens (in-place add below)
             extra = rays if i == self.first_adapted_block else None
@@ -339,20 +349,30 @@ class MultiViewFoundationModel(nn.Module):
                 tokens = torch.cat([tokens[:, :start], patch], dim=1) if start else patch
             else:  # inference: add the correction in place, no copy of the token tensor
                 patch.add_(delta)
+            if i in want:
+                layers[i] = bb.layer_features(tokens, ctx)
         feats = bb.head(tokens, ctx)
-        return feats.view(b, s, *feats.shape[1:])
+        feats = feats.view(b, s, *feats.shape[1:])
+        if return_layers is None:
+            return feats
+        return feats, [layers[i].view(b, s, *layers[i].shape[1:]) for i in want]
 
-    def forward_base(self, images: torch.Tensor) -> torch.Tensor:
-        """Features of the frozen base model, ``[B, S, 3, H, W] -> [B, S, F, h, w]``."""
+    def forward_base(self, images: torch.Tensor, return_layers: Optional[Sequence[int]] = None):
+        """Features of the frozen base model, ``[B, S, 3, H, W] -> [B, S, F, h, w]`` (with ``return_layers``:
+        ``(features, layers)`` as in :meth:`forward`, without adapters)."""
         if not torch.is_tensor(images) or images.ndim != 5 or images.shape[2] != 3:
             shape = tuple(images.shape) if torch.is_tensor(images) else type(images).__name__
             raise ValueError(f"images must be a [B, S, 3, H, W] tensor, got {shape}")
         b, s = images.shape[:2]
+        kwargs = {} if return_layers is None else {"return_layers": return_layers}
         if self.backbone_lora:  # the backbone before its LoRA fine-tuning
-            feats = torch.func.functional_call(self.backbone, self._unmerged_weights(), (images.flatten(0, 1),))
+            out = torch.func.functional_call(self.backbone, self._unmerged_weights(), (images.flatten(0, 1),), kwargs)
         else:
-            feats = self.backbone(images.flatten(0, 1))
-        return feats.view(b, s, *feats.shape[1:])
+            out = self.backbone(images.flatten(0, 1), **kwargs)
+        if return_layers is None:
+            return out.view(b, s, *out.shape[1:])
+        feats, layers = out
+        return feats.view(b, s, *feats.shape[1:]), [x.view(b, s, *x.shape[1:]) for x in layers]
 
     def _unmerged_weights(self) -> Dict[str, torch.Tensor]:
         """The LoRA-targeted backbone parameters without their delta (computed once per device)."""

@@ -9,12 +9,12 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
 import yaml
 
+from ..configs import preset_files
 from ..models.build import ModelSpec
 from ..models.config import MVFMConfig
 
@@ -169,8 +169,7 @@ def config_from_dict(d: Dict[str, Any], base: Optional[TrainConfig] = None) -> T
 
 
 def _preset_files() -> Dict[str, Any]:
-    folder = resources.files(_PRESET_PACKAGE)
-    return {entry.name[: -len(".yaml")]: entry for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+    return preset_files(_PRESET_PACKAGE)
 
 
 def list_presets() -> List[str]:

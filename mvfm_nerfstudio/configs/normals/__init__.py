@@ -1,0 +1,1 @@
+"""Presets of ``mvfm-normals train`` (YAML)."""

@@ -15,7 +15,7 @@ from ..models.build import fixed_feature_grid
 from ..utils.runtime import DeviceLike, resolve_device
 from .cache import CacheEntry, cache_key, entry_path, key_ingredients, read_entry
 from .config import FeatureStoreConfig, ViewSource
-from .extract import compute_entry
+from .extract import ExtractionStats, compute_entry
 
 __all__ = ["FeatureStore", "describe"]
 
@@ -53,6 +53,7 @@ class FeatureStore:
         self.reduction_basis: Optional[PCABasis] = None
         self._key: Optional[str] = None
         self._ingredients: Dict[str, object] = {}
+        self.extraction: Optional[ExtractionStats] = None  # timings of this process's part of a computed entry
         self._resident: Optional[torch.Tensor] = None  # [N*h*w, D] float16 on a device (see keep_on)
         h0, w0 = (int(x) for x in views.image_sizes[0])
         # a model with a fixed (square) input, e.g. a published one, fixes the grid: feature_resolution then unused
@@ -77,8 +78,9 @@ class FeatureStore:
     def prepare(self) -> "FeatureStore":
         """Load the cache entry for the current key, computing it first if absent.
 
-        Inside a distributed job (``torch.distributed`` initialised, e.g. a multi-GPU ``ns-train``) only
-        rank 0 computes a missing entry; the other ranks wait at a barrier and then load it.
+        Inside a distributed job (``torch.distributed`` initialised: ``torchrun ... mvfm-extract``, a multi-GPU
+        ``ns-train``) rank 0 looks the entry up; on a miss every rank computes a share of the view sets and rank 0
+        writes the one entry (:mod:`.extract`); then every rank loads it.
         """
         from rich.console import Console
 
@@ -86,14 +88,23 @@ class FeatureStore:
         path = self.entry_path()
         self.path = path
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not distributed or dist.get_rank() == 0:
-            if self._try_load(path):
-                self.cache_hit = True
+        rank = dist.get_rank() if distributed else 0
+        hit = self._try_load(path) if rank == 0 else False
+        if distributed:
+            flag = [hit]
+            dist.broadcast_object_list(flag, src=0)
+            hit = bool(flag[0])
+        if hit:
+            self.cache_hit = rank == 0
+            if rank == 0:
                 console.print(f"[bold]MVFM feature cache: hit[/bold] {path}")
-            else:
-                console.print(f"[bold]MVFM feature cache: miss[/bold] -> computing {path}")
-                self.mvfm_forwards += compute_entry(self.config, self.views, self.grid, self.device, path,
-                                                    self.cache_key(), self._ingredients)
+        else:
+            if rank == 0:
+                shards = f" ({dist.get_world_size()} processes)" if distributed else ""
+                console.print(f"[bold]MVFM feature cache: miss[/bold] -> computing {path}{shards}")
+            self.extraction = compute_entry(self.config, self.views, self.grid, self.device, path, self.cache_key(),
+                                            self._ingredients)
+            self.mvfm_forwards += self.extraction.forwards
         if distributed:
             dist.barrier()
         if self.features is None and not self._try_load(path):

@@ -21,6 +21,7 @@ Random weights (speed and memory do not depend on them). Writes ``benchmarks/res
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import resource
@@ -119,7 +120,9 @@ def extract_worker(scene: Path, cache: Path, flags: Dict[str, object], threads: 
     size = sum(f.stat().st_size for f in store.path.iterdir())
     print(json.dumps({"views": len(source), "seconds": seconds, "forward_seconds": forward["seconds"],
                       "rss_before_mb": rss_before, "grid": list(store.grid), "cache_mb": size / 2**20,
-                      "passes": store.mvfm_forwards, "entry": str(store.path)}))
+                      "passes": store.mvfm_forwards, "entry": str(store.path),
+                      # this checkout's own breakdown (ExtractionStats), where it has one
+                      "stats": dataclasses.asdict(store.extraction) if getattr(store, "extraction", None) else None}))
 
 
 def ns_train_cmd(scene: Path, cache: Path, flags: Dict[str, object], args, out: Path) -> List[str]:
@@ -183,7 +186,7 @@ def main(argv=None) -> None:
                "passes": res["passes"], "extract_s": res["seconds"], "s_per_view": res["seconds"] / res["views"],
                "forward_s": res["forward_seconds"], "overhead": 1 - res["forward_seconds"] / res["seconds"],
                "peak_rss_mb": child["peak_rss_mb"], "rss_before_mb": res["rss_before_mb"],
-               "cache_mb": res["cache_mb"], "all_extract_s": [round(r["seconds"], 2) for r, _ in runs]}
+               "cache_mb": res["cache_mb"], "stats": res.get("stats"), "all_extract_s": [round(r["seconds"], 2) for r, _ in runs]}
         print(f"N={n}: extraction {row['extract_s']:.1f} s, peak RSS {row['peak_rss_mb']:.0f} MB", flush=True)
         if args.iterations > 0:
             out = work / f"ns_n{n}"

@@ -337,7 +337,7 @@ def compute_entry(config: FeatureStoreConfig, views: ViewSource, grid: Size, dev
                     _accumulate(acc, counts, batch, out)
                 del shards
         if rank == 0:
-            for i in range(n):
+            for i in np.flatnonzero(counts > 1):  # views in several sets; x / 1 would be a pass over all for nothing
                 acc[i] /= counts[i]
             path.mkdir(parents=True, exist_ok=True)
             display, reduction, d_out = write_features(acc, path, config.feature_dim, config.model_seed)

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import pytest
 import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
@@ -77,7 +76,6 @@ def test_two_gloo_processes_write_the_entry_one_process_writes_bit_for_bit(tmp_p
         assert float(np.abs(f1.astype(np.float32)).max()) > 0
 
 
-@pytest.mark.slow  # three Python processes start (torchrun + 2 ranks)
 def test_mvfm_extract_in_one_process_and_under_torchrun_write_the_same_entry(tmp_path_factory, tmp_path):
     from _mvfm_training_helpers import generated_scene
 

@@ -273,6 +273,7 @@ def test_input_errors_name_the_problem():
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="gsplat's CUDA rasteriser needs a GPU")
+@pytest.mark.cuda
 def test_torch_backend_matches_gsplat_cuda():
     p = {k: v.cuda() for k, v in random_gaussians(300, channels=4).items()}
     viewmat, K = (t.cuda() for t in camera(64, 48))

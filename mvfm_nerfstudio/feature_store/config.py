@@ -147,3 +147,16 @@ class ViewSource:
 
     def __len__(self) -> int:
         return len(self.image_paths)
+
+    @classmethod
+    def from_scene(cls, scene) -> "ViewSource":
+        """All views of a :class:`~mvfm_nerfstudio.data.scene.PosedScene` (``data.load_scene``), as ``mvfm-segment``
+        and ``mvfm-extract --views scene`` see them (undistorted pixels when the scene has distortion)."""
+        extra = {}
+        if scene.distortion is not None:
+            extra["undistorted"] = scene.distortion.round(decimals=6).tolist()
+        return cls(
+            image_paths=list(scene.image_paths), image_sizes=scene.image_sizes, intrinsics=scene.intrinsics,
+            cam_to_world=scene.cam_to_world, load_image=lambda i: scene.load_image(i).permute(1, 2, 0),
+            extra_key=extra, scene_name=scene.name, scene_root=scene.root,
+        )

@@ -16,7 +16,7 @@ from ..utils.runtime import DeviceLike, resolve_device
 from .cache import (CacheEntry, CacheEntryError, cache_key, entry_path, key_ingredients, quarantine_entry, read_entry,
                     remove_stale_scratch)
 from .config import FeatureStoreConfig, ViewSource
-from .extract import compute_entry
+from .extract import ExtractionStats, compute_entry
 
 __all__ = ["FeatureStore", "describe"]
 
@@ -54,6 +54,7 @@ class FeatureStore:
         self.reduction_basis: Optional[PCABasis] = None
         self._key: Optional[str] = None
         self._ingredients: Dict[str, object] = {}
+        self.extraction: Optional[ExtractionStats] = None  # timings of this process's part of a computed entry
         self._resident: Optional[torch.Tensor] = None  # [N*h*w, D] float16 on a device (see keep_on)
         h0, w0 = (int(x) for x in views.image_sizes[0])
         # a model with a fixed (square) input, e.g. a published one, fixes the grid: feature_resolution then unused
@@ -80,9 +81,10 @@ class FeatureStore:
 
         An entry that does not verify (:func:`~.cache.read_entry`) is reported by path, moved aside to
         ``<entry>.corrupt-<time>`` and recomputed; scratch of killed extractions in the cache folder is removed
-        first (:func:`~.cache.remove_stale_scratch`). Inside a distributed job (``torch.distributed``
-        initialised, e.g. a multi-GPU ``ns-train``) only rank 0 does this and computes a missing entry; the other
-        ranks wait at a barrier and then load it.
+        first (:func:`~.cache.remove_stale_scratch`). Inside a distributed job (``torch.distributed`` initialised:
+        ``torchrun ... mvfm-extract``, a multi-GPU ``ns-train``) rank 0 does both and looks the entry up; on a miss
+        every rank computes a share of the view sets and rank 0 writes the one entry (:mod:`.extract`); then every
+        rank loads it.
         """
         from rich.console import Console
 
@@ -90,16 +92,27 @@ class FeatureStore:
         path = self.entry_path()
         self.path = path
         distributed = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
-        if not distributed or dist.get_rank() == 0:
+        rank = dist.get_rank() if distributed else 0
+        hit = False
+        if rank == 0:
             for stale in remove_stale_scratch(path.parent):
                 console.print(f"MVFM feature cache: removed scratch of a killed extraction: {stale}", soft_wrap=True)
-            if self._try_load(path, console):
-                self.cache_hit = True
+            hit = self._try_load(path, console)
+        if distributed:
+            flag = [hit]
+            dist.broadcast_object_list(flag, src=0)
+            hit = bool(flag[0])
+        if hit:
+            self.cache_hit = rank == 0
+            if rank == 0:
                 console.print(f"[bold]MVFM feature cache: hit[/bold] {path}")
-            else:
-                console.print(f"[bold]MVFM feature cache: miss[/bold] -> computing {path}")
-                self.mvfm_forwards += compute_entry(self.config, self.views, self.grid, self.device, path,
-                                                    self.cache_key(), self._ingredients)
+        else:
+            if rank == 0:
+                shards = f" ({dist.get_world_size()} processes)" if distributed else ""
+                console.print(f"[bold]MVFM feature cache: miss[/bold] -> computing {path}{shards}")
+            self.extraction = compute_entry(self.config, self.views, self.grid, self.device, path, self.cache_key(),
+                                            self._ingredients)
+            self.mvfm_forwards += self.extraction.forwards
         if distributed:
             dist.barrier()
         if self.features is None:

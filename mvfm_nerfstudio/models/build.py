@@ -23,7 +23,7 @@ from .config import RUNTIME_FIELDS, MVFMConfig
 from .mvfm import MultiViewFoundationModel
 from .published import is_published_source, load_published, source_metadata
 
-__all__ = ["ModelSpec", "build_model", "create_mvfm", "spec_from_checkpoint", "fixed_feature_grid"]
+__all__ = ["ModelSpec", "build_model", "create_mvfm", "spec_from_checkpoint", "fixed_feature_grid", "spec_patch_size"]
 
 
 @dataclass
@@ -163,6 +163,13 @@ def spec_from_checkpoint(adapters: Optional[Union[str, Path]], **overrides) -> M
             adapters=str(adapters),
         )
     return spec.replace(**overrides)
+
+
+def spec_patch_size(spec: ModelSpec) -> int:
+    """Pixels per patch side of the model ``spec`` describes, without building it (an adapter checkpoint's stored
+    backbone wins over ``spec.backbone``, as in :func:`build_model`): lets callers size inputs while it is built."""
+    backbone = source_metadata(spec.adapters)["backbone"] if spec.adapters is not None else spec.backbone
+    return get_backbone_spec(backbone).patch_size
 
 
 def fixed_feature_grid(spec: ModelSpec) -> Optional[Tuple[int, int]]:

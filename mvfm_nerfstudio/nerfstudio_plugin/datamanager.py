@@ -61,6 +61,7 @@ __all__ = [
     "MVFMFullImageDatamanager",
     "view_source_from_dataset",
     "validate_scene",
+    "training_view_source",
 ]
 
 
@@ -128,6 +129,20 @@ def view_source_from_dataset(dataset, load_image, data_root: Path, extra_key: Di
         scene_name=name,
         scene_root=data_root if data_root.is_dir() else data_root.parent,
     )
+
+
+def training_view_source(config: "MVFMDataManagerConfig") -> ViewSource:
+    """The training views :class:`MVFMDataManager` with ``config`` hands its feature store, built without the
+    datamanager (no image caching, no ray sampler): the same dataparser split and dataset, so a store made from
+    them uses the same cache entry as ``ns-train mvfm-features`` with these options (``mvfm-extract``)."""
+    from nerfstudio.data.datasets.base_dataset import InputDataset
+
+    dataparser_config = config.dataparser
+    if config.data is not None:
+        dataparser_config.data = Path(config.data)
+    outputs = dataparser_config.setup().get_dataparser_outputs(split="train")
+    ds = InputDataset(outputs, scale_factor=config.camera_res_scale_factor)
+    return view_source_from_dataset(ds, ds.get_image_float32, dataparser_config.data, {"scale_factor": ds.scale_factor})
 
 
 def _publish(store: FeatureStore, metadata: Dict, device) -> None:

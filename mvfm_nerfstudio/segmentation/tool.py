@@ -165,14 +165,7 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
                              f"({scene.frame_names[config.query_view]}, {w}x{h} pixels: X in [0, {w}), Y in [0, {h}))")
     if fcfg.adapters is None and not fcfg.adapt and fcfg.multi_view:
         fcfg = replace(fcfg, multi_view=False)  # untrained adapters reproduce the base model exactly
-    extra = {}
-    if scene.distortion is not None:
-        extra["undistorted"] = scene.distortion.round(decimals=6).tolist()
-    views = ViewSource(
-        image_paths=list(scene.image_paths), image_sizes=scene.image_sizes, intrinsics=scene.intrinsics,
-        cam_to_world=scene.cam_to_world, load_image=lambda i: scene.load_image(i).permute(1, 2, 0),
-        extra_key=extra, scene_name=scene.name, scene_root=scene.root,
-    )
+    views = ViewSource.from_scene(scene)
     store = FeatureStore(fcfg, views).prepare()
     space = store.path.name
     reduction = store.reduction_basis

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import json
 import math
-import os
 import re
 import time
 import warnings
@@ -41,7 +40,7 @@ from ..models.build import build_model
 from ..models.mvfm import MultiViewFoundationModel
 from ..utils.io import atomic_path, atomic_write
 from ..utils.progress import make_progress
-from ..utils.runtime import compute_precision, torch_threads
+from ..utils.runtime import compute_precision, join_torchrun, torch_threads
 from .config import TrainConfig, config_differences, config_to_dict
 from .losses import base_regularizer, info_nce_loss, location_loss
 
@@ -136,14 +135,8 @@ class Trainer:
 
     def _init_distributed(self, device: torch.device) -> None:
         """Join torchrun's process group (NCCL on CUDA, gloo on CPU) when this process starts it."""
-        if self.single_process or int(os.environ.get("WORLD_SIZE", "1")) <= 1 or self.distributed:
-            return
-        if device.type == "cuda":
-            # NCCL uses the current device; this process owns the job here, so binding it is ours to do
-            torch.cuda.set_device(device)
-            dist.init_process_group(backend="nccl", device_id=device)
-        else:
-            dist.init_process_group(backend="gloo")
+        if not self.single_process:
+            join_torchrun(device)
 
     def setup(self) -> "Trainer":
         """Build the model, load scenes, precompute pools and base features, create the optimiser, resume."""

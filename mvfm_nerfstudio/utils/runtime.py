@@ -18,7 +18,8 @@ from typing import Iterator, Optional, Union
 
 import torch
 
-__all__ = ["DEVICE_HELP", "DeviceLike", "resolve_device", "torch_threads", "single_threaded", "compute_precision"]
+__all__ = ["DEVICE_HELP", "DeviceLike", "resolve_device", "torch_threads", "single_threaded", "compute_precision",
+           "join_torchrun"]
 
 DEVICE_HELP = "'auto' (this process's CUDA GPU if available, else CPU), 'cpu', 'cuda' or 'cuda:N'"
 
@@ -93,3 +94,23 @@ def single_threaded():
     each other while descheduled), so batch jobs (scene rendering, covisibility) use one thread.
     """
     return torch_threads(1)
+
+
+def join_torchrun(device: torch.device) -> bool:
+    """Join ``torchrun``'s process group (NCCL on CUDA, gloo on the CPU) when this process was started by it
+    with ``WORLD_SIZE > 1`` and has not joined yet.
+
+    Returns:
+        Whether this call initialised the group (the caller then destroys it when done).
+    """
+    import torch.distributed as dist
+
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or not dist.is_available() or dist.is_initialized():
+        return False
+    if device.type == "cuda":
+        # NCCL uses the current device; this process owns the job here, so binding it is ours to do
+        torch.cuda.set_device(device)
+        dist.init_process_group(backend="nccl", device_id=device)
+    else:
+        dist.init_process_group(backend="gloo")
+    return True

@@ -4,14 +4,11 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-import yaml
-
-from ..configs import preset_files
+from ..configs import config_fields_to_dict, preset_files, read_preset
 from ..geometry.normals import DEFAULT_MAX_REL_JUMP
 from ..models.build import ModelSpec
 
@@ -116,14 +113,7 @@ class NormalsEvalConfig:
 
 def normals_config_to_dict(config: NormalsTrainConfig) -> Dict[str, Any]:
     """JSON-able dict of a :class:`NormalsTrainConfig`."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        return v
-
-    return {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    return config_fields_to_dict(config)
 
 
 def normals_config_from_dict(d: Dict[str, Any], base: Optional[NormalsTrainConfig] = None) -> NormalsTrainConfig:
@@ -153,16 +143,5 @@ def list_normals_presets() -> List[str]:
 
 def load_normals_preset(name_or_path: str) -> NormalsTrainConfig:
     """A :class:`NormalsTrainConfig` from a preset name (:func:`list_normals_presets`) or a YAML/JSON path."""
-    path = Path(name_or_path)
-    if path.is_file():
-        text, suffix = path.read_text(), path.suffix
-    else:
-        presets = preset_files(_PRESET_PACKAGE)
-        if name_or_path not in presets:
-            raise ValueError(
-                f"unknown mvfm-normals preset {name_or_path!r}: not a file and not one of {sorted(presets)}"
-            )
-        text, suffix = presets[name_or_path].read_text(), ".yaml"
-    data = (json.loads(text) if suffix == ".json" else yaml.safe_load(text)) or {}
-    data.pop("description", None)
+    data = read_preset(_PRESET_PACKAGE, name_or_path, "mvfm-normals preset")
     return normals_config_from_dict(data)

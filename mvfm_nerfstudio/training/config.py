@@ -7,14 +7,11 @@ Presets are package data (``mvfm_nerfstudio/configs/train/*.yaml``), read with
 from __future__ import annotations
 
 import dataclasses
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-import yaml
-
-from ..configs import preset_files
+from ..configs import config_fields_to_dict, preset_files, read_preset
 from ..models.build import ModelSpec
 from ..models.config import MVFMConfig
 
@@ -104,17 +101,7 @@ class TrainConfig(ModelSpec):
 
 def config_to_dict(config: TrainConfig) -> Dict[str, Any]:
     """JSON-able dict of a :class:`TrainConfig` (paths as strings, tuples as lists)."""
-
-    def plain(v: Any) -> Any:
-        if isinstance(v, Path):
-            return str(v)
-        if isinstance(v, (tuple, list)):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-
-    d = {f.name: plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+    d = config_fields_to_dict(config)
     d["mvfm"] = config.mvfm.to_dict()
     return d
 
@@ -179,17 +166,5 @@ def list_presets() -> List[str]:
 
 def load_preset(name_or_path: str) -> TrainConfig:
     """A :class:`TrainConfig` from a preset name (see :func:`list_presets`) or a YAML/JSON file path."""
-    path = Path(name_or_path)
-    if path.is_file():
-        text, suffix = path.read_text(), path.suffix
-    else:
-        presets = _preset_files()
-        if name_or_path not in presets:
-            raise ValueError(
-                f"unknown training preset {name_or_path!r}: not a file and not one of {sorted(presets)}"
-            )
-        text, suffix = presets[name_or_path].read_text(), ".yaml"
-    data = json.loads(text) if suffix == ".json" else yaml.safe_load(text)
-    data = data or {}
-    data.pop("description", None)
+    data = read_preset(_PRESET_PACKAGE, name_or_path, "training preset")
     return config_from_dict(data)

@@ -17,7 +17,7 @@ All coordinates are UNDISTORTED pixel coordinates of the ORIGINAL image size, co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 import numpy as np
 import torch

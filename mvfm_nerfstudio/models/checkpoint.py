@@ -31,7 +31,6 @@ import warnings
 from pathlib import Path
 from typing import Dict, Optional
 
-import torch
 from torch import nn
 
 from .._version import __version__

@@ -94,7 +94,8 @@ def _store_worker(rank: int, world: int, port: int, root: str, out: str) -> None
     dist.destroy_process_group()
 
 
-def test_in_a_distributed_job_only_rank_0_computes_the_cache_entry(tmp_path):
+def test_in_a_distributed_job_of_a_one_batch_scene_rank_0_computes_and_every_rank_loads_its_entry(tmp_path):
+    # Scenes of several batches are split across ranks: tests/test_sharded_extraction.py.
     _write_images(tmp_path)
     out = tmp_path / "out"
     out.mkdir()

@@ -11,7 +11,7 @@ from typing import Any, Dict
 
 import yaml
 
-__all__ = ["preset_files", "read_preset", "config_fields_to_dict"]
+__all__ = ["preset_files", "read_preset", "config_fields_to_dict", "check_config_keys"]
 
 
 def preset_files(package: str) -> Dict[str, object]:
@@ -49,3 +49,12 @@ def _plain(value: Any) -> Any:
 def config_fields_to_dict(config: Any) -> Dict[str, Any]:
     """JSON-able dict of a config dataclass's fields (paths as strings, tuples as lists)."""
     return {f.name: _plain(getattr(config, f.name)) for f in dataclasses.fields(config)}
+
+
+def check_config_keys(d: Dict[str, Any], config_class: type, what: str) -> None:
+    """Raise ValueError naming the keys of ``d`` that are not fields of the dataclass ``config_class`` (``what``
+    names the config in the message, e.g. ``"training"``)."""
+    known = {f.name for f in dataclasses.fields(config_class)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ValueError(f"unknown {what} config keys {unknown}; known keys: {sorted(known)}")

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-from ..configs import config_fields_to_dict, preset_files, read_preset
+from ..configs import check_config_keys, config_fields_to_dict, preset_files, read_preset
 from ..geometry.normals import DEFAULT_MAX_REL_JUMP
 from ..models.build import ModelSpec
 
@@ -119,10 +119,7 @@ def normals_config_to_dict(config: NormalsTrainConfig) -> Dict[str, Any]:
 def normals_config_from_dict(d: Dict[str, Any], base: Optional[NormalsTrainConfig] = None) -> NormalsTrainConfig:
     """A :class:`NormalsTrainConfig` from a (partial) dict on top of ``base``; unknown keys are named."""
     base = base or NormalsTrainConfig()
-    known = {f.name for f in dataclasses.fields(NormalsTrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown mvfm-normals config keys {unknown}; known keys: {sorted(known)}")
+    check_config_keys(d, NormalsTrainConfig, "mvfm-normals")
     updates: Dict[str, Any] = {}
     for key, value in d.items():
         if key in ("scene", "output_dir"):

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Literal, Optional, Tuple
 
-from ..configs import config_fields_to_dict, preset_files, read_preset
+from ..configs import check_config_keys, config_fields_to_dict, preset_files, read_preset
 from ..models.build import ModelSpec
 from ..models.config import MVFMConfig
 
@@ -135,10 +135,7 @@ def config_from_dict(d: Dict[str, Any], base: Optional[TrainConfig] = None) -> T
         ValueError: unknown keys (named).
     """
     base = base or TrainConfig()
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    unknown = sorted(set(d) - known)
-    if unknown:
-        raise ValueError(f"unknown training config keys {unknown}; known keys: {sorted(known)}")
+    check_config_keys(d, TrainConfig, "training")
     updates: Dict[str, Any] = {}
     for key, value in d.items():
         if key == "mvfm":

@@ -1,9 +1,10 @@
-"""Shared fixtures: synthetic cameras and randomised (non-identity) adapters."""
+"""Shared fixtures: synthetic cameras, randomised (non-identity) adapters, a free local port."""
 
 from __future__ import annotations
 
 import math
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -61,3 +62,10 @@ def shared_data() -> Path:
     if not SHARED_DATA.is_dir():
         pytest.skip("../shared/data is not present")
     return SHARED_DATA
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now (for gloo rendezvous and test servers)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -3,20 +3,14 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import torch
 import torch.multiprocessing as mp
 from _mvfm_training_helpers import generated_scene, tiny_config
 from safetensors.torch import load_file, save_file
 
+from conftest import free_port
 from mvfm_nerfstudio.training import Trainer
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, scene: str, out: str) -> None:
@@ -38,7 +32,7 @@ def test_two_gloo_processes_equal_one_process_with_twice_the_batch(tmp_path_fact
     scene = generated_scene(tmp_path_factory.getbasetemp())
     out = tmp_path / "ddp"
     out.mkdir()
-    mp.spawn(_worker, args=(2, _free_port(), str(scene), str(out)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(scene), str(out)), nprocs=2, join=True)
     r0, r1 = load_file(str(out / "rank0.safetensors")), load_file(str(out / "rank1.safetensors"))
     for k in r0:
         assert torch.equal(r0[k], r1[k]), f"ranks diverged at {k}"

@@ -4,7 +4,6 @@ same paths on CUDA (marked ``cuda``: skipped without a GPU; ``benchmarks/gpu_che
 from __future__ import annotations
 
 import os
-import socket
 import warnings
 
 import numpy as np
@@ -12,7 +11,7 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
-from conftest import orbit_cameras, randomize_adapters
+from conftest import free_port, orbit_cameras, randomize_adapters
 from mvfm_nerfstudio import create_mvfm
 from mvfm_nerfstudio.feature_store import FeatureStore
 from mvfm_nerfstudio.geometry.cameras import validate_cam_to_world, validate_intrinsics
@@ -74,12 +73,6 @@ def test_resident_features_sample_like_the_memory_map(tmp_path):
     assert not FeatureStore(_config(tmp_path), _source(paths)).prepare().keep_on(torch.device("cpu"), max_bytes=10)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _store_worker(rank: int, world: int, port: int, root: str, out: str) -> None:
     import torch.distributed as dist
     from pathlib import Path
@@ -99,7 +92,7 @@ def test_in_a_distributed_job_of_a_one_batch_scene_rank_0_computes_and_every_ran
     _write_images(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
-    mp.start_processes(_store_worker, args=(2, _free_port(), str(tmp_path), str(out)), nprocs=2, join=True,
+    mp.start_processes(_store_worker, args=(2, free_port(), str(tmp_path), str(out)), nprocs=2, join=True,
                        start_method="spawn")
     counts = [(out / f"rank{r}.txt").read_text().split() for r in range(2)]
     assert int(counts[0][0]) >= 1 and counts[1] == ["0", "0"]  # rank 1 ran no forward and did not "hit" first

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import free_port
 from mvfm_nerfstudio.features import cosine_similarity, heatmap_rgb
 
 pytestmark = pytest.mark.slow
@@ -193,17 +193,11 @@ def test_full_image_datamanager_serves_feature_maps_from_the_same_cache(trained,
     assert dm.train_dataset.metadata["mvfm_feature_dim"] == 16
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _ns_viewer(config_path: Path, log: Path):
     """``ns-viewer`` on a free port of 127.0.0.1 serving ``config_path``, output to ``log``; yields
     ``(url, first 2000 characters of the page)`` once it answers (within 240 s), stops it afterwards."""
-    port = _free_port()
+    port = free_port()
     with open(log, "w") as fh:
         proc = subprocess.Popen(
             [str(BIN / "ns-viewer"), "--load-config", str(config_path),

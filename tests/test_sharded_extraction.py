@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +13,7 @@ import torch
 import torch.multiprocessing as mp
 from safetensors.torch import load_file
 
+from conftest import free_port
 from mvfm_nerfstudio.feature_store import FeatureStore
 from mvfm_nerfstudio.utils.runtime import torch_threads
 from test_plugin_feature_store import _config, _source, _write_images
@@ -23,12 +23,6 @@ N_VIEWS = 7
 # over several; 2 sets per forward): the merge must follow the single-process order of the sets
 GROUPINGS = {"scene": dict(view_grouping="scene", max_views_per_pass=3),
              "neighbors": dict(view_grouping="neighbors", sets_per_batch=2)}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank: int, world: int, port: int, root: str, out: str) -> None:
@@ -54,7 +48,7 @@ def test_two_gloo_processes_write_the_entry_one_process_writes_bit_for_bit(tmp_p
     paths = _write_images(tmp_path, n=N_VIEWS)
     out = tmp_path / "out"
     out.mkdir()
-    mp.start_processes(_worker, args=(2, _free_port(), str(tmp_path), str(out)), nprocs=2, join=True,
+    mp.start_processes(_worker, args=(2, free_port(), str(tmp_path), str(out)), nprocs=2, join=True,
                        start_method="spawn")
     ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
     for name, options in GROUPINGS.items():
@@ -89,7 +83,7 @@ def test_mvfm_extract_in_one_process_and_under_torchrun_write_the_same_entry(tmp
     with torch_threads(1):  # in this process (the CLI without torchrun), at the workers' thread count
         entrypoint([*common, "--features.cache-dir", str(tmp_path / "one")])
     sharded = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                              "--master-port", str(_free_port()), "-m", "mvfm_nerfstudio.scripts.extract", *common,
+                              "--master-port", str(free_port()), "-m", "mvfm_nerfstudio.scripts.extract", *common,
                               "--features.cache-dir", str(tmp_path / "two")], env=env, capture_output=True, text=True)
     assert sharded.returncode == 0, sharded.stderr[-2000:]
     assert "(2 processes)" in sharded.stdout

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import threading
 import time
 import urllib.request
@@ -22,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from mvfm_nerfstudio.features import MASK_COLOR, cosine_similarity, heatmap_rgb, overlay_mask
 
 pytestmark = pytest.mark.slow
@@ -268,12 +268,6 @@ def test_panels_reject_a_bad_similarity_range(pipelines):
         FeaturePanels(pipelines["splat"].model, similarity_range=(1.0, -1.0))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture()
 def running_viewer(pipelines, scene, tmp_path):
     """The real Viewer on 127.0.0.1 around the mvfm-features pipeline (no browser connects)."""
@@ -282,7 +276,7 @@ def running_viewer(pipelines, scene, tmp_path):
 
     pipe = pipelines["features"]
     panels = pipe.model.feature_panels
-    port = _free_port()
+    port = free_port()
     viewer = Viewer(ViewerConfig(websocket_host="127.0.0.1", websocket_port=port), log_filename=tmp_path / "log.txt",
                     datapath=scene, pipeline=pipe, train_lock=threading.Lock())
     try:

@@ -386,6 +386,23 @@ def test_ns_train_datamanagers_name_the_bad_input_before_loading(tmp_path, damag
     assert not (tmp_path / "cache").exists()  # refused before any "cache miss -> computing"
 
 
+@pytest.mark.parametrize("method", ["features", "splat"])
+def test_the_scene_validated_is_the_one_given_with_data(tmp_path, method):
+    """``ns-train ... --data X`` sets only the datamanager's ``data`` (Nerfstudio copies it into the dataparser during
+    set-up): the check must read X, not the dataparser's default ``.``."""
+    from mvfm_nerfstudio.errors import SceneError
+    from mvfm_nerfstudio.nerfstudio_plugin import datamanager as dm
+
+    scene = _bad_scene(tmp_path, "truncated-png")
+    config_class, manager = ((dm.MVFMDataManagerConfig, dm.MVFMDataManager) if method == "features"
+                             else (dm.MVFMFullImageDatamanagerConfig, dm.MVFMFullImageDatamanager))
+    config = config_class(data=scene, features=_config(tmp_path, feature_resolution=8))
+    assert dm.scene_path(config) == scene
+    with pytest.raises(SceneError, match=r"frame_00002\.png is not a readable image.*truncated"):
+        manager(config)
+    assert not (tmp_path / "cache").exists()
+
+
 def test_the_splat_datamanager_validates_the_scene_too(tmp_path):
     from mvfm_nerfstudio.errors import SceneError
     from mvfm_nerfstudio.nerfstudio_plugin.datamanager import MVFMFullImageDatamanager, MVFMFullImageDatamanagerConfig

@@ -60,13 +60,21 @@ __all__ = [
     "MVFMFullImageDatamanagerConfig",
     "MVFMFullImageDatamanager",
     "view_source_from_dataset",
+    "scene_path",
     "validate_scene",
     "training_view_source",
 ]
 
 
-def validate_scene(dataparser_config, one_image_size: bool) -> None:
-    """Check the scene a Nerfstudio dataparser will read with the package's validators (they name frame and file).
+def scene_path(config) -> Path:
+    """The scene a datamanager ``config`` reads: ``--data`` (``config.data``) when given, else its dataparser's
+    ``data`` (Nerfstudio's datamanagers copy the first into the second only when they are set up)."""
+    return Path(config.data) if config.data is not None else Path(config.dataparser.data)
+
+
+def validate_scene(config, one_image_size: bool) -> None:
+    """Check the scene the datamanager ``config`` will read (:func:`scene_path`) with the package's validators
+    (they name frame and file).
 
     For the Nerfstudio (transforms.json) and COLMAP dataparsers: every pose and intrinsic finite and valid, every image
     present and decodable with its stated size, and (``one_image_size``, the ray-based datamanager, whose batches
@@ -77,9 +85,9 @@ def validate_scene(dataparser_config, one_image_size: bool) -> None:
     """
     from nerfstudio.data.dataparsers.colmap_dataparser import ColmapDataParserConfig
 
-    if not isinstance(dataparser_config, (NerfstudioDataParserConfig, ColmapDataParserConfig)):
+    if not isinstance(config.dataparser, (NerfstudioDataParserConfig, ColmapDataParserConfig)):
         return
-    data = Path(dataparser_config.data)
+    data = scene_path(config)
     if not data.exists():
         raise SceneError(f"--data {data} does not exist")
     scene = load_scene(data, tracks=False, check_files=False)
@@ -138,8 +146,7 @@ def training_view_source(config: "MVFMDataManagerConfig") -> ViewSource:
     from nerfstudio.data.datasets.base_dataset import InputDataset
 
     dataparser_config = config.dataparser
-    if config.data is not None:
-        dataparser_config.data = Path(config.data)
+    dataparser_config.data = scene_path(config)
     outputs = dataparser_config.setup().get_dataparser_outputs(split="train")
     ds = InputDataset(outputs, scale_factor=config.camera_res_scale_factor)
     return view_source_from_dataset(ds, ds.get_image_float32, dataparser_config.data, {"scale_factor": ds.scale_factor})
@@ -186,7 +193,7 @@ class MVFMDataManager(VanillaDataManager):
     config: MVFMDataManagerConfig
 
     def __init__(self, config: MVFMDataManagerConfig, device="cpu", test_mode="val", world_size=1, local_rank=0, **kw):
-        validate_scene(config.dataparser, one_image_size=True)
+        validate_scene(config, one_image_size=True)
         super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kw)
         ds = self.train_dataset
         source = view_source_from_dataset(
@@ -230,7 +237,7 @@ class MVFMFullImageDatamanager(FullImageDatamanager):
             # Nerfstudio pins 'cpu'-cached images, which needs CUDA; without it the training device is the CPU.
             CONSOLE.print("No CUDA: caching images on the training device (cache_images='gpu') instead of pinned memory")
             config = dataclasses.replace(config, cache_images="gpu")  # a copy: the caller's config stays as given
-        validate_scene(config.dataparser, one_image_size=False)
+        validate_scene(config, one_image_size=False)
         super().__init__(config, device=device, test_mode=test_mode, world_size=world_size, local_rank=local_rank, **kw)
         ds = self.train_dataset
         distorted = ds.cameras.distortion_params is not None and bool((ds.cameras.distortion_params != 0).any())

@@ -313,6 +313,24 @@ def test_segment_removes_only_its_own_stale_masks(tmp_path):
     assert len(masks) == summary["num_views"] + 1
 
 
+def test_a_text_segment_into_an_earlier_runs_folder_leaves_none_of_its_outputs(tmp_path):
+    """--text writes no query file: the earlier run's query file and masks must not stay beside its masks."""
+    from mvfm_nerfstudio.segmentation import SegmentConfig, segment_scene
+
+    out = tmp_path / "seg"
+    for sub in ("masks", "similarity"):
+        (out / sub).mkdir(parents=True)
+        (out / sub / "old_view.png").write_bytes(b"stale")
+    (out / "query_feature.safetensors").write_bytes(b"an earlier pixel query")
+    (out / "segment.json").write_text(json.dumps({"views": [{"mask": "masks/old_view.png"}]}))  # an earlier run
+    features = _config(tmp_path, feature_resolution=8, backbone="clip_vitb16")
+    summary = segment_scene(SegmentConfig(scene=tiny_scene_path(0), output_dir=out, text="red mug",
+                                          text_weights="random", features=features), progress=False)
+    assert not (out / "query_feature.safetensors").exists()
+    assert sorted(p.name for p in (out / "masks").iterdir()) == sorted(Path(v["mask"]).name for v in summary["views"])
+    assert not (out / "similarity" / "old_view.png").exists()
+
+
 def test_degenerate_features_give_a_clear_segmentation_error():
     from mvfm_nerfstudio.segmentation import segment_views
 

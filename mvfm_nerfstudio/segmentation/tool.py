@@ -10,7 +10,6 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from ..backbones.registry import require_text_tower
 from ..data.readers import load_scene
 from ..feature_store import FeatureStore, FeatureStoreConfig, ViewSource
 from ..text import CANONICAL_NEGATIVES, DEFAULT_RELEVANCY_THRESHOLD, TextQuery, text_tower_for
@@ -61,6 +60,9 @@ class SegmentConfig:
     overview_thumb_width: int = 256
     """Width of each overview thumbnail in pixels."""
 
+
+QUERY_FILE = "query_feature.safetensors"
+"""The query feature a pixel or file query writes beside the masks (reusable with --query-feature)."""
 
 def _output_names(paths: Sequence[Path]) -> List[str]:
     """``<stem>.png`` per image, prefixed with the view index when stems collide."""
@@ -120,8 +122,8 @@ def write_outputs(
 
 
 def _remove_previous_outputs(output_dir: Path) -> None:
-    """Delete the masks and similarity maps an earlier run listed in ``output_dir/segment.json`` (only those: other
-    files stay), so a new run on fewer or other views leaves no stale masks beside its own."""
+    """Delete the masks and similarity maps an earlier run listed in ``output_dir/segment.json``, and its query file
+    (only those: other files stay), so a new run on fewer or other views leaves no stale outputs beside its own."""
     summary_path = output_dir / "segment.json"
     try:
         earlier = json.loads(summary_path.read_text())
@@ -132,6 +134,7 @@ def _remove_previous_outputs(output_dir: Path) -> None:
         name = Path(mask).name
         for sub in ("masks", "similarity"):
             (output_dir / sub / name).unlink(missing_ok=True)
+    (output_dir / QUERY_FILE).unlink(missing_ok=True)  # a --text run writes none: an earlier one must not stay
 
 
 def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, object]:
@@ -150,9 +153,9 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
         if config.threshold is not None and not 0.0 <= config.threshold <= 1.0:
             raise ValueError(f"with --text, --threshold is a relevancy in [0, 1] (0.5 = the query ties with a "
                              f"negative), got {config.threshold}")
-        require_text_tower(fcfg.backbone)  # before any work: NoTextTowerError names the backbones that have one
         fcfg = replace(fcfg, text_space=True)
-        tower = text_tower_for(fcfg, config.text_weights)  # weights errors before the features are extracted
+        # before any work: NoTextTowerError names the backbones that have one; weights errors come here too
+        tower = text_tower_for(fcfg, config.text_weights)
     scene = load_scene(config.scene)
     n = len(scene)
     if by_pixel:
@@ -186,19 +189,27 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
     meta.update({"backbone": fcfg.backbone, "weights": str(fcfg.weights), "feature_space": space,
                  "feature_dim": str(store.feature_dim), "reduced": "1" if reduction is not None else "0"})
     full = reduction.unproject(query) if reduction is not None else None
-    output_dir = Path(config.output_dir)
-    save_query(output_dir / "query_feature.safetensors", QueryFeature(query, full, meta))
-
     try:
         seg = segment_views(store.feature_map, scene.image_sizes, query, config.threshold)
     except ValueError as err:
         raise ValueError(f"{err}. Features: {store.path} (query: {source})") from None
+    output_dir = Path(config.output_dir)
     _remove_previous_outputs(output_dir)
-    written = write_outputs(seg, scene.load_image, scene.image_paths, output_dir,
-                            config.query_view if by_pixel else None, xy, config.overview_max_views,
-                            config.overview_thumb_width, progress)
+    save_query(output_dir / QUERY_FILE, QueryFeature(query, full, meta))
+    return _write_outputs_and_summary(config, fcfg, scene, store, seg, config.query_view if by_pixel else None, xy,
+                                      progress, {"query": source})
+
+
+def _write_outputs_and_summary(config: SegmentConfig, fcfg: FeatureStoreConfig, scene, store: FeatureStore,
+                               seg: MultiViewSegmentation, query_view: Optional[int], xy, progress: bool,
+                               extra: Dict[str, object]) -> Dict[str, object]:
+    """Masks, similarity maps and overview (:func:`write_outputs`) and ``segment.json``; returns the summary
+    (``extra``: the query's keys)."""
+    output_dir = Path(config.output_dir)
+    written = write_outputs(seg, scene.load_image, scene.image_paths, output_dir, query_view, xy,
+                            config.overview_max_views, config.overview_thumb_width, progress)
     summary = {
-        "scene": str(scene.root), "num_views": n, "query": source,
+        "scene": str(scene.root), "num_views": len(scene), **extra,
         "threshold": seg.threshold, "threshold_mode": seg.threshold_mode,
         "feature_cache": str(store.path), "feature_grid": list(store.grid), "feature_dim": store.feature_dim,
         "features": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(fcfg).items()},
@@ -215,16 +226,7 @@ def _segment_by_text(config: SegmentConfig, fcfg: FeatureStoreConfig, scene, sto
     grids = [query.relevancy(store.feature_map(i), store.reduction_basis) for i in range(len(scene))]
     threshold = DEFAULT_RELEVANCY_THRESHOLD if config.threshold is None else float(config.threshold)
     seg = MultiViewSegmentation(grids, scene.image_sizes, threshold, "fixed" if config.threshold is not None else "lerf")
-    output_dir = Path(config.output_dir)
-    written = write_outputs(seg, scene.load_image, scene.image_paths, output_dir, None, None,
-                            config.overview_max_views, config.overview_thumb_width, progress)
-    summary = {
-        "scene": str(scene.root), "num_views": len(scene), "query": f"text {config.text!r}",
-        "text": config.text, "text_negatives": list(config.text_negatives), "text_weights": tower.weights,
-        "score": "relevancy", "threshold": seg.threshold, "threshold_mode": seg.threshold_mode,
-        "feature_cache": str(store.path), "feature_grid": list(store.grid), "feature_dim": store.feature_dim,
-        "features": {k: (str(v) if isinstance(v, Path) else v) for k, v in asdict(fcfg).items()},
-        **written,
-    }
-    atomic_write(output_dir / "segment.json", json.dumps(summary, indent=1).encode())
-    return summary
+    _remove_previous_outputs(Path(config.output_dir))
+    return _write_outputs_and_summary(config, fcfg, scene, store, seg, None, None, progress, {
+        "query": f"text {config.text!r}", "text": config.text, "text_negatives": list(config.text_negatives),
+        "text_weights": tower.weights, "score": "relevancy"})

@@ -11,13 +11,12 @@ from typing import Any, Dict, List, Literal, Optional, Tuple
 from ..configs import check_config_keys, config_fields_to_dict, preset_files, read_preset
 from ..geometry.normals import DEFAULT_MAX_REL_JUMP
 from ..models.build import ModelSpec
+from .normals import FRAMES
 
 __all__ = ["NormalsTrainConfig", "NormalsEvalConfig", "list_normals_presets", "load_normals_preset",
            "normals_config_to_dict", "normals_config_from_dict", "FRAMES"]
 
 _PRESET_PACKAGE = "mvfm_nerfstudio.configs.normals"
-
-FRAMES = ("camera", "world", "reference")
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 import torch.nn as nn
 
 from ..errors import CheckpointMismatchError
-from ..geometry.normals import rotate_normals
+from ..geometry.normals import rotate_normals, world_to_camera_normals
 from ..models.mvfm import MultiViewFoundationModel
 from ..utils.io import atomic_path
 from .head import MultiViewNormalHead, NormalHeadConfig, upsample_normals
@@ -176,7 +176,7 @@ def predict_normals(
                                                 align_corners=False)[:, 0].view(*kappa.shape[:2], *size)
     c2w = cam_to_world.to(device)
     world = rotate_normals(normals, world_from_target(c2w, head.frame))
-    camera = rotate_normals(world, c2w[..., :3, :3].transpose(-1, -2))
+    camera = world_to_camera_normals(world, c2w)
     return NormalPrediction(normals=normals, world=world, camera=camera, kappa=kappa)
 
 

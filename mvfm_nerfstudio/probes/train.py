@@ -20,6 +20,7 @@ view; predictions are upsampled to the input image size and compared with the gr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -37,8 +38,9 @@ from ..errors import SceneError
 from ..geometry.cameras import view_distances
 from ..geometry.feature_grid import input_size_for
 from ..geometry.normals import angular_error, angular_metrics, error_to_rgb, normals_to_rgb, rotate_normals
-from ..models.build import ModelSpec, build_model
+from ..models.build import build_model
 from ..models.mvfm import MultiViewFoundationModel
+from ..training.trainer import latest_checkpoint
 from ..utils.io import atomic_path, atomic_write
 from ..utils.progress import make_progress
 from ..utils.runtime import torch_threads
@@ -131,16 +133,6 @@ def _lr_at(cfg: NormalsTrainConfig, step: int) -> float:
     return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(step, cfg.steps) / max(1, cfg.steps))))
 
 
-def _latest_checkpoint(output_dir: Path) -> Optional[Tuple[int, Path, Path]]:
-    folder = output_dir / "checkpoints"
-    found = []
-    for p in folder.glob("step-*.state.pt") if folder.is_dir() else []:
-        head = p.with_name(p.name.replace(".state.pt", ".safetensors"))
-        if head.is_file():
-            found.append((int(p.name[5:12]), head, p))
-    return max(found) if found else None
-
-
 def _metadata(cfg: NormalsTrainConfig, step: int, scene: PosedScene) -> Dict[str, str]:
     return {
         "tiny": "1" if cfg.tiny else "0",
@@ -199,7 +191,7 @@ def _train(cfg: NormalsTrainConfig, model, scene) -> Tuple[Path, Optional[Dict]]
     opt = torch.optim.AdamW(probe.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     step = 0
     if cfg.resume:
-        latest = _latest_checkpoint(out)
+        latest = latest_checkpoint(out)
         if latest is None:
             print(f"resume: no checkpoint in {out / 'checkpoints'}; starting from step 0")
         else:
@@ -384,10 +376,8 @@ def run_normals_eval(cfg: NormalsEvalConfig) -> Dict:
     with torch_threads(cfg.num_threads):
         probe, meta = load_probe(cfg.head)
         train_cfg = normals_config_from_dict(json.loads(meta["train_config"]))
-        spec = ModelSpec(backbone=meta["backbone"], weights=meta["weights"], tiny=meta["tiny"] == "1",
-                         adapters=meta["adapters"] or None, model_seed=int(meta["model_seed"]),
-                         device=cfg.device or train_cfg.device)
-        model = build_model(spec)
+        # the model training used (every ModelSpec field: bf16 too), on the device asked for now
+        model = build_model(dataclasses.replace(train_cfg, device=cfg.device or train_cfg.device))
         probe = probe.to(next(model.parameters()).device)
         scene = load_scene(cfg.scene if cfg.scene is not None else meta["scene"])
         constant = None

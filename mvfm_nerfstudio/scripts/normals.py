@@ -79,8 +79,7 @@ def _eval(argv: List[str]) -> None:
 
 
 @cli_entrypoint("mvfm-normals")
-def entrypoint(argv: Optional[List[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else list(argv)
+def entrypoint(argv: Optional[List[str]] = None) -> None:  # cli_entrypoint passes the arguments as a list
     if not argv or argv[0] in ("-h", "--help"):
         print(USAGE + "\n\n" + (__doc__ or ""))
         return

@@ -445,6 +445,8 @@ def test_splat_text_segment_is_exactly_the_gaussians_whose_relevancy_passes(tmp_
                             threshold=threshold).export(run)
     assert summary["query"] == "text 'red mug'" and summary["gaussians"] == len(expected) > 0
     assert np.array_equal(np.load(out / "segment_gaussians.npy"), expected.numpy())
+    saved = load_query(out / "query_feature.safetensors")  # the phrase's exact embedding, not its PCA projection
+    torch.testing.assert_close(saved.query_full, tower.encode(["red mug"])[0].float().cpu(), atol=1e-5, rtol=0)
     with pytest.raises(ValueError, match=r"--threshold is a relevancy in \[0, 1\]"):
         ExportSegment(load_config=run.config_path, output_dir=out, query_text="red mug", threshold=-0.5).export(run)
 

@@ -25,7 +25,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from ..features import PCABasis, cosine_similarity
-from ..segmentation.query import QueryFeature, load_query, query_in_space, save_query
+from ..segmentation.query import load_query, query_in_space, save_store_query
 from ..text import DEFAULT_RELEVANCY_THRESHOLD, TextQuery, text_tower_for
 
 __all__ = ["QueryOptions", "ResolvedQuery", "resolve_query", "pixel_ray", "save_resolved_query"]
@@ -71,6 +71,7 @@ class ResolvedQuery:
         metadata: strings saved with it (``source``, ``view``, ``pixel_xy``, ...).
         text: the encoded phrase and negatives of a text query (then :meth:`score` is LERF relevancy), else None.
         reduction: the run's PCA basis (text queries score reduced features through it), or None.
+        full: the exact full-channel feature when known (a text query's embedding), saved with the query.
     """
 
     feature: torch.Tensor
@@ -78,6 +79,7 @@ class ResolvedQuery:
     metadata: Dict[str, str]
     text: Optional[TextQuery] = None
     reduction: Optional[PCABasis] = None
+    full: Optional[torch.Tensor] = None
 
     @property
     def score_name(self) -> str:
@@ -166,16 +168,12 @@ def _text_query(run, options: QueryOptions) -> ResolvedQuery:
         raise ValueError(f"the text embedding has {feature.shape[-1]} channels but the run's features "
                          f"{store.feature_dim}: were they extracted with text-space True?")
     return ResolvedQuery(feature.cpu(), f"text {text!r}", {"source": "text", "text": text,
-                         "negatives": json.dumps(list(query.negatives))}, text=query, reduction=reduction)
+                         "negatives": json.dumps(list(query.negatives))}, text=query, reduction=reduction,
+                         full=embedding.cpu())
 
 
 def save_resolved_query(path: Path, run, query: ResolvedQuery) -> None:
     """Write the query as ``query_feature.safetensors`` in ``mvfm-segment``'s format (feature space, backbone,
     the full-channel feature when the run's features are PCA-reduced), so either tool can reuse it."""
-    store = run.feature_store
-    reduction = store.reduction_basis
-    meta = {**query.metadata, "run": str(run.config_path), "backbone": store.config.backbone,
-            "weights": str(store.config.weights), "feature_space": store.path.name,
-            "feature_dim": str(store.feature_dim), "reduced": "1" if reduction is not None else "0"}
-    full = reduction.unproject(query.feature) if reduction is not None else None
-    save_query(path, QueryFeature(query.feature, full, meta))
+    save_store_query(path, query.feature, run.feature_store, {**query.metadata, "run": str(run.config_path)},
+                     query.full)

@@ -10,7 +10,7 @@ import torch
 
 from ..utils.io import atomic_write
 
-__all__ = ["QueryFeature", "save_query", "load_query", "query_in_space"]
+__all__ = ["QueryFeature", "save_query", "save_store_query", "load_query", "query_in_space"]
 
 
 @dataclass
@@ -37,6 +37,21 @@ def save_query(path: Union[str, Path], q: QueryFeature) -> None:
     if q.query_full is not None:
         tensors["query_full"] = q.query_full.detach().float().cpu().contiguous()
     atomic_write(path, save(tensors, metadata={k: str(v) for k, v in q.metadata.items()}))
+
+
+def save_store_query(path: Union[str, Path], query: torch.Tensor, store, metadata: Dict[str, str],
+                     query_full: Optional[torch.Tensor] = None) -> None:
+    """Write ``query [D]``, a feature in the space of the prepared feature ``store``, with that space's description
+    (backbone, weights, feature_space, feature_dim, reduced) added to ``metadata``, so any tool can re-express it
+    (:func:`query_in_space`). ``query_full``: the full-channel feature; default ``reduction.unproject(query)`` when
+    the store's features are PCA-reduced (pass it when the exact one is known: a text embedding)."""
+    reduction = store.reduction_basis
+    meta = {**metadata, "backbone": store.config.backbone, "weights": str(store.config.weights),
+            "feature_space": store.path.name, "feature_dim": str(store.feature_dim),
+            "reduced": "1" if reduction is not None else "0"}
+    if query_full is None and reduction is not None:
+        query_full = reduction.unproject(query)
+    save_query(path, QueryFeature(query, query_full, meta))
 
 
 def load_query(path: Union[str, Path]) -> QueryFeature:

@@ -16,7 +16,7 @@ from ..text import CANONICAL_NEGATIVES, DEFAULT_RELEVANCY_THRESHOLD, TextQuery, 
 from ..utils.io import atomic_write
 from .images import heatmap, overview_image, save_png
 from .masks import MultiViewSegmentation, segment_views
-from .query import QueryFeature, load_query, query_in_space, save_query
+from .query import load_query, query_in_space, save_store_query
 
 __all__ = ["SegmentConfig", "write_outputs", "segment_scene"]
 
@@ -186,16 +186,13 @@ def segment_scene(config: SegmentConfig, progress: bool = True) -> Dict[str, obj
         source = f"file {config.query_feature}"
         meta = {**loaded.metadata, "source": f"file:{config.query_feature}"}
         xy = None
-    meta.update({"backbone": fcfg.backbone, "weights": str(fcfg.weights), "feature_space": space,
-                 "feature_dim": str(store.feature_dim), "reduced": "1" if reduction is not None else "0"})
-    full = reduction.unproject(query) if reduction is not None else None
     try:
         seg = segment_views(store.feature_map, scene.image_sizes, query, config.threshold)
     except ValueError as err:
         raise ValueError(f"{err}. Features: {store.path} (query: {source})") from None
     output_dir = Path(config.output_dir)
     _remove_previous_outputs(output_dir)
-    save_query(output_dir / QUERY_FILE, QueryFeature(query, full, meta))
+    save_store_query(output_dir / QUERY_FILE, query, store, meta)
     return _write_outputs_and_summary(config, fcfg, scene, store, seg, config.query_view if by_pixel else None, xy,
                                       progress, {"query": source})
 

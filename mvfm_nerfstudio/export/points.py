@@ -9,7 +9,7 @@ Nerfstudio's dataparser-normalised coordinates (the frame of ``Cameras.camera_to
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence
+from typing import Dict, Sequence
 
 import torch
 
@@ -145,9 +145,6 @@ def nonempty(points: FeaturePoints, what: str, hint: str) -> FeaturePoints:
     return points
 
 
-def finite(points: FeaturePoints, extra: Optional[torch.Tensor] = None) -> torch.Tensor:
-    """``[N]`` bool: position, feature (and ``extra [N, k]``) finite."""
-    ok = torch.isfinite(points.positions).all(-1) & torch.isfinite(points.features).all(-1)
-    if extra is not None:
-        ok &= torch.isfinite(extra.reshape(len(points), -1)).all(-1)
-    return ok
+def finite(points: FeaturePoints) -> torch.Tensor:
+    """``[N]`` bool: position and feature finite."""
+    return torch.isfinite(points.positions).all(-1) & torch.isfinite(points.features).all(-1)

@@ -242,8 +242,7 @@ class ExportViews(QueryOptions, _RunOptions):
         """Export from an already loaded run (``--load-config``, ``--data`` and ``--device`` unused)."""
         if self.downscale <= 0:
             raise ValueError(f"--downscale must be > 0, got {self.downscale}")
-        q = self  # the query options (optional here: without one, no similarity or masks)
-        query = resolve_query(run, q) if q.has_query() else None
+        query = resolve_query(run, self) if self.has_query() else None  # without one: no similarity or masks
         cameras, names = self._cameras(run)
         out = Path(self.output_dir)
         lo, hi = run.model.config.similarity_range if query is None or query.text is None else query.score_range
@@ -268,7 +267,7 @@ class ExportViews(QueryOptions, _RunOptions):
                                       "cameras": str(self.camera_path) if self.camera_path else "training views",
                                       "feature_dim": run.model.feature_dim, "views": rows}
         if query is not None:
-            threshold, mode = _threshold_for(query, torch.cat([s.flatten() for s in sims]), q.threshold)
+            threshold, mode = _threshold_for(query, torch.cat([s.flatten() for s in sims]), self.threshold)
             for row, sim in zip(rows, sims):
                 mask = sim >= threshold
                 save_png(out / "masks" / f"{row['name']}.png", mask.numpy().astype(np.uint8) * 255)

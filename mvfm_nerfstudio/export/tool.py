@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from ..segmentation.images import heatmap, save_png
-from ..segmentation.masks import otsu_threshold
+from ..segmentation.masks import pooled_otsu_threshold
 from ..utils.io import atomic_write
 from .ply import write_features, write_gaussian_ply, write_point_ply
 from .points import (FeaturePoints, finite, gaussian_points, nonempty, opacities, render_view, surface_points,
@@ -120,15 +120,18 @@ def _write_points(run: LoadedRun, pts: FeaturePoints, opts: _PointOptions, out: 
 def choose_threshold(score: torch.Tensor, threshold: Optional[float], bins: int = 512,
                      value_range: Tuple[float, float] = (-1.0, 1.0), name: str = "similarity") -> Tuple[float, str]:
     """``(threshold, mode)``: the given threshold (``"fixed"``, checked against ``value_range``) or Otsu's on the
-    histogram of ``score`` (any shape, values in ``value_range``) with ``bins`` equal bins (``"otsu"``)."""
+    histogram of the finite values of ``score`` (any shape) with ``bins`` equal bins over their range (``"otsu"``,
+    :func:`~mvfm_nerfstudio.segmentation.masks.pooled_otsu_threshold`)."""
     lo, hi = value_range
     if threshold is not None:
         if not lo <= threshold <= hi:
             raise ValueError(f"--threshold is a {name} in [{lo:g}, {hi:g}], got {threshold}")
         return float(threshold), "fixed"
     values = score.double().flatten()
-    counts = torch.histc(values[torch.isfinite(values)], bins=bins, min=lo, max=hi)
-    return otsu_threshold(counts, lo, hi), "otsu"
+    values = values[torch.isfinite(values)]
+    if not values.numel():
+        raise ValueError(f"no finite {name} to threshold: the features or the query are not finite")
+    return pooled_otsu_threshold([values], float(values.min()), float(values.max()), bins), "otsu"
 
 
 def _threshold_for(query: ResolvedQuery, score: torch.Tensor, threshold: Optional[float]) -> Tuple[float, str]:

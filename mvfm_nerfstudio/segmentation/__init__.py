@@ -13,7 +13,7 @@ Pipeline (:func:`segment_scene`):
 3. Cosine similarity of every cell with the query, upsampled to each image's original
    resolution (bilinear, ``align_corners=False``: pixel-centre correct), and one threshold for
    all views: a fixed cosine value, or Otsu's threshold on the histogram of all views'
-   upsampled similarities pooled together (:func:`otsu_threshold`), so every view is cut at
+   upsampled similarities pooled together (:func:`pooled_otsu_threshold`), so every view is cut at
    the same level and the masks are consistent.
 4. Outputs (:func:`write_outputs`): ``masks/<image stem>.png`` (8-bit, 255 = in the
    segment, original resolution), ``similarity/<image stem>.png`` (turbo colour map of the
@@ -26,7 +26,9 @@ No Nerfstudio import here: the feature extraction is the core's :class:`FeatureS
 """
 
 from .images import heatmap, overview_image, save_png
-from .masks import MultiViewSegmentation, mask_iou, otsu_threshold, segment_views, similarity_grid
+from .masks import (
+    MultiViewSegmentation, mask_iou, otsu_threshold, pooled_otsu_threshold, segment_views, similarity_grid,
+)
 from .query import QueryFeature, load_query, query_in_space, save_query
 from .tool import SegmentConfig, segment_scene, write_outputs
 
@@ -38,6 +40,7 @@ __all__ = [
     "load_query",
     "mask_iou",
     "otsu_threshold",
+    "pooled_otsu_threshold",
     "overview_image",
     "query_in_space",
     "save_png",

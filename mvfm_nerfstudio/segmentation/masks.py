@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Union
+from typing import Callable, Iterable, List, Optional, Sequence, Union
 
 import torch
 
 from ..features import cosine_similarity
 from ..geometry.feature_grid import resize_map
 
-__all__ = ["MultiViewSegmentation", "similarity_grid", "otsu_threshold", "segment_views", "mask_iou"]
+__all__ = ["MultiViewSegmentation", "similarity_grid", "otsu_threshold", "pooled_otsu_threshold", "segment_views",
+           "mask_iou"]
 
 
 def similarity_grid(feature_map: torch.Tensor, query: torch.Tensor) -> torch.Tensor:
@@ -25,7 +27,9 @@ def otsu_threshold(hist: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> flo
 
     Maximises the between-class variance of {bins <= k} vs {bins > k}; returns the upper edge
     of bin ``k`` (so ``value >= threshold`` selects the upper class). When the maximum is a
-    plateau (empty bins between two modes) the middle of the plateau is returned.
+    plateau (empty bins between two modes) the middle of the plateau is returned. With a single
+    occupied bin there is nothing to split: its lower edge is returned (everything is selected).
+    Values should come from :func:`pooled_otsu_threshold`, which bins over their own range.
     """
     p = hist.double().flatten()
     total = p.sum()
@@ -38,13 +42,45 @@ def otsu_threshold(hist: torch.Tensor, lo: float = -1.0, hi: float = 1.0) -> flo
     mu = (p * centres).cumsum(0)
     denom = omega * (1 - omega)
     valid = denom > 1e-12
-    if not bool(valid.any()):  # a single occupied bin: nothing to split
+    if not bool(valid.any()):  # a single occupied bin: nothing to split, so all of it is the upper class
         occupied = int(torch.nonzero(p)[0])
-        return float(lo + (occupied + 1) * (hi - lo) / bins)
+        return float(lo + occupied * (hi - lo) / bins)
     between = torch.where(valid, (mu[-1] * omega - mu) ** 2 / denom.clamp_min(1e-12), torch.zeros_like(p))
     best = torch.nonzero(between >= between.max() * (1 - 1e-9)).flatten().double()
     k = float(best.mean())
     return float(lo + (k + 1) * (hi - lo) / bins)
+
+
+def pooled_otsu_threshold(chunks: Iterable[torch.Tensor], low: float, high: float, bins: int = 512) -> float:
+    """Otsu's threshold of the values of all ``chunks`` pooled, binned over their own range ``[low, high]``.
+
+    The bins span the values' range, not the score's nominal one (e.g. [-1, 1] for cosine): Otsu's
+    criterion does not change under an affine map of the values, and a narrow spread (all
+    similarities within 0.99..1.0, as for barely trained fields) still gets ``bins`` bins instead of
+    falling into one, whose upper edge would select nothing. For ``low < high`` the result lies in
+    ``(low, high)``: both the segment (``value >= threshold``) and the rest are non-empty.
+
+    Args:
+        chunks: tensors of any shape (e.g. one per view, so full-resolution maps need not be held
+            together); non-finite values are ignored.
+        low, high: the smallest and largest finite value over all chunks.
+        bins: number of equal bins.
+
+    Returns:
+        The threshold; ``low`` when ``low == high`` (nothing to split: every value is selected).
+    """
+    if not (math.isfinite(low) and math.isfinite(high) and low <= high):
+        raise ValueError(f"pooled_otsu_threshold: the value range must be finite and ordered, got [{low}, {high}]")
+    if low == high:
+        return float(low)
+    hist = None
+    for chunk in chunks:
+        # clamp: an upsampled map may step past the range by rounding, and histc drops what is outside it
+        counts = torch.histc(chunk.double().flatten().clamp(low, high), bins=bins, min=low, max=high)
+        hist = counts if hist is None else hist + counts
+    if hist is None:
+        raise ValueError("pooled_otsu_threshold: no values")
+    return otsu_threshold(hist, low, high)
 
 
 def mask_iou(pred: torch.Tensor, target: torch.Tensor) -> float:
@@ -96,7 +132,7 @@ def segment_views(
         image_sizes: ``[N, 2]`` ``(H, W)`` of the original images.
         query: ``[D]``.
         threshold: cosine threshold; None = Otsu on the pooled full-resolution similarities of all views.
-        bins: histogram bins over [-1, 1] for Otsu.
+        bins: histogram bins for Otsu (over the similarities' range, see :func:`pooled_otsu_threshold`).
 
     Raises:
         ValueError: a zero or non-finite query, or features whose similarity to it is the same everywhere.
@@ -115,8 +151,6 @@ def segment_views(
         if not -1.0 <= threshold <= 1.0:
             raise ValueError(f"threshold is a cosine similarity in [-1, 1], got {threshold}")
         return MultiViewSegmentation(grids, image_sizes, float(threshold), "fixed")
-    hist = torch.zeros(bins, dtype=torch.float64, device=grids[0].device)
-    for i, g in enumerate(grids):
-        up = resize_map(g, tuple(int(v) for v in image_sizes[i]))
-        hist += torch.histc(up.double(), bins=bins, min=-1.0, max=1.0)
-    return MultiViewSegmentation(grids, image_sizes, otsu_threshold(hist), "otsu")
+    # bilinear (and antialiased) resampling only averages, so the grids' range is the upsampled maps' range
+    upsampled = (resize_map(g, tuple(int(v) for v in image_sizes[i])) for i, g in enumerate(grids))
+    return MultiViewSegmentation(grids, image_sizes, pooled_otsu_threshold(upsampled, low, high, bins), "otsu")

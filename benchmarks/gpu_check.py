@@ -170,6 +170,7 @@ def check_ns_train(method: str, scene: Path, work: Path, out: Path, device_type:
 
 
 def check_ratio(device, dry: bool) -> Dict[str, object]:
+    import functools
     import statistics
 
     import torch
@@ -190,7 +191,7 @@ def check_ratio(device, dry: bool) -> Dict[str, object]:
         randomize_adapters(model, seed=1)
         model = model.to(device).eval()
         for prec in precisions:
-            fns = {"base": lambda: model.forward_base(x), "mvfm": lambda: model(x, k, c2w)}
+            fns = {"base": functools.partial(model.forward_base, x), "mvfm": functools.partial(model, x, k, c2w)}
             times: Dict[str, List[float]] = {n: [] for n in fns}
             with torch.no_grad(), compute_precision(device, bf16=prec == "bf16"):
                 for name, fn in fns.items():  # warm-up (cuDNN / kernel selection)

@@ -3,7 +3,6 @@ same paths on CUDA (marked ``cuda``: skipped without a GPU; ``benchmarks/gpu_che
 
 from __future__ import annotations
 
-import os
 import warnings
 
 import numpy as np

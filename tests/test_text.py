@@ -9,7 +9,6 @@ gives both towers in one joint space, and that the tools wire it all up and fail
 from __future__ import annotations
 
 import json
-import math
 
 import numpy as np
 import pytest

@@ -160,9 +160,9 @@ def main() -> None:
     # 2. train
     t = time.perf_counter()
     config.save_config()
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    trainer.train()
+    from nerfstudio.scripts.train import train_loop
+
+    train_loop(local_rank=0, world_size=1, config=config)  # ns-train's own loop: seeded, so reruns agree
     print(f"trained {args.iterations} iterations in {time.perf_counter() - t:.0f} s")
     # 3. export: a pixel in the middle of the largest object of view 0
     from mvfm_nerfstudio.export import ExportSegment, load_run

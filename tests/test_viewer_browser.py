@@ -64,8 +64,8 @@ def browser():
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     """A 3-step mvfm-features run (tiny random backbone), or ``$MVFM_BROWSER_CONFIG``. A 3-step feature field is
-    still flat, so its hash grid gets random values in the checkpoint (as in test_viewer_panels): the similarity
-    map varies."""
+    still flat, so its feature field gets random values in the checkpoint (hash grid as in test_viewer_panels, and
+    the MLP): the similarity map varies."""
     if RUN_CONFIG:
         return Path(RUN_CONFIG)
     from test_plugin_features import _tiny_config
@@ -80,18 +80,25 @@ def trained_run(tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        trainer = config.setup(local_rank=0, world_size=1)
-        trainer.setup()
-        trainer.train()
+        from nerfstudio.scripts.train import train_loop
+
+        train_loop(local_rank=0, world_size=1, config=config)  # ns-train's own loop (seeded)
     finally:
         torch.set_num_threads(threads)
     (ckpt,) = sorted((config.get_base_dir() / "nerfstudio_models").glob("step-*.ckpt"))
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
     g = torch.Generator().manual_seed(0)
-    keys = [k for k in state["pipeline"] if k.startswith("_model.feature_field.encoding.")]
-    assert keys
-    for k in keys:
-        state["pipeline"][k] = torch.randn(state["pipeline"][k].shape, generator=g)
+    field = {k: v for k, v in state["pipeline"].items() if k.startswith("_model.feature_field.")}
+    assert any(k.startswith("_model.feature_field.encoding.") for k in field)
+    for k, v in field.items():
+        # hash grid ~ N(0, 1); MLP weights He-scaled, biases zero, so the features (and the similarity to the
+        # clicked one) follow the position, not a shared bias, whatever the 3 training steps left
+        if ".encoding." in k:
+            state["pipeline"][k] = torch.randn(v.shape, generator=g)
+        elif v.ndim == 2:
+            state["pipeline"][k] = torch.randn(v.shape, generator=g) * (2.0 / v.shape[1]) ** 0.5
+        elif v.is_floating_point():
+            state["pipeline"][k] = torch.zeros_like(v)
     torch.save(state, ckpt)
     return config.get_base_dir() / "config.yml"
 

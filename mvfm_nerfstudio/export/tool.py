@@ -10,7 +10,7 @@ Outputs (in ``--output-dir``; positions in the model's world frame, see :mod:`.p
   points above the threshold, with ``segment_features.npy``. Both: ``segment.json``, ``query_feature.safetensors``.
 * ``views``: per rendered view ``<name>``: ``features/<name>.npy`` (``[H, W, D]`` float16), ``pca/<name>.png``,
   ``rgb/<name>.png`` and, with a query, ``similarity/<name>.png`` (turbo over the run's similarity range),
-  ``similarity/<name>.npy`` (cosine, float16), ``masks/<name>.png`` (255 = segment); ``views.json``.
+  ``similarity/<name>.npy`` (cosine, float32), ``masks/<name>.png`` (255 = segment); ``views.json``.
 """
 
 from __future__ import annotations
@@ -263,7 +263,9 @@ class ExportViews(QueryOptions, _RunOptions):
             if query is not None:
                 sim = query.score(feature)
                 save_png(out / "similarity" / f"{name}.png", heatmap(sim, lo, hi))
-                write_features(out / "similarity" / f"{name}.npy", sim)
+                # float32, as the masks are computed: float16 would round values (and numpy would round the
+                # threshold) across the cut, so npy >= views.json's threshold would not reproduce the masks
+                write_features(out / "similarity" / f"{name}.npy", sim, "float32")
                 sims.append(sim)
             rows.append(row)
         summary: Dict[str, object] = {"method": run.method, "run": str(run.config_path), "step": run.step,

@@ -138,15 +138,9 @@ def main(args: DemoArgs) -> Path:
     config = build_config(args, scene)
     config.set_timestamp()
     config.save_config()
-    import random
+    from nerfstudio.scripts.train import train_loop
 
-    import numpy as np
-
-    seed = config.machine.seed
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    trainer = config.setup(local_rank=0, world_size=1)
-    trainer.setup()
-    trainer.train()
+    train_loop(local_rank=0, world_size=1, config=config)  # ns-train's own loop: seeds random / numpy / torch
     config_path = config.get_base_dir() / "config.yml"
     minutes = (time.perf_counter() - start) / 60
     print(

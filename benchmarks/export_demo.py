@@ -49,20 +49,23 @@ def _seed_points(scene: Path) -> None:
     (scene / "transforms.json").write_text(json.dumps(meta, indent=1))
 
 
-def _oracle_cache(entry: Path, scene: Path) -> None:
-    """Replace the entry's features with per-cell object-id histograms (same grid and channel count)."""
-    feats = np.load(entry / "features.npy", mmap_mode="r")
-    n, h, w, d = feats.shape
+def _oracle_cache(entry: Path, scene: Path) -> np.ndarray:
+    """Replace the entry's features with per-cell object-id histograms (same grid and channel count) and re-seal
+    it (display basis, sizes and checksum in ``meta.json``), so the run loads it instead of recomputing it as
+    corrupt. Returns the oracle features ``[N, h, w, d]`` (float16)."""
+    from mvfm_nerfstudio.feature_store.cache import read_entry, write_bases, write_meta
+
+    n, h, w, d = np.load(entry / "features.npy", mmap_mode="r").shape
+    sealed = read_entry(entry, n, (h, w))
+    meta, reduction = sealed.meta, sealed.reduction_basis
+    del sealed  # its memory map of features.npy, which is rewritten next
     ids = load_scene(scene).load_object_ids(range(n))
     onehot = F.one_hot(ids, d).permute(0, 3, 1, 2).float()
     oracle = F.adaptive_avg_pool2d(onehot, (h, w)).permute(0, 2, 3, 1)  # [N, h, w, d]
     np.save(entry / "features.npy", oracle.numpy().astype(np.float16))
-    from safetensors.torch import load_file, save_file
-
-    bases = load_file(str(entry / "bases.safetensors"))
-    display = fit_pca(oracle.reshape(-1, d), 3)
-    bases.update({f"display.{k}": v.contiguous() for k, v in display.state().items()})
-    save_file(bases, str(entry / "bases.safetensors"))
+    write_bases(entry, fit_pca(oracle.reshape(-1, d), 3), reduction)
+    write_meta(entry, meta)
+    return oracle.numpy().astype(np.float16)
 
 
 def _config(scene: Path, out: Path, iterations: int):
@@ -150,12 +153,11 @@ def main() -> None:
     if not (scene / "transforms.json").is_file():
         make_scene(tiny_config(seed=0, num_views=16), scene, progress=False)
         _seed_points(scene)
-    from mvfm_nerfstudio.nerfstudio_plugin.datamanager import MVFMFullImageDatamanager  # noqa: F401
-
     config = _config(scene, out, args.iterations)
     # 1. the feature cache entry the run will use, then oracle features in it
     dm = config.pipeline.datamanager.setup(device="cpu")
-    _oracle_cache(dm.feature_store.path, scene)
+    entry = dm.feature_store.path
+    oracle = _oracle_cache(entry, scene)
     del dm
     # 2. train
     t = time.perf_counter()
@@ -164,6 +166,8 @@ def main() -> None:
 
     train_loop(local_rank=0, world_size=1, config=config)  # ns-train's own loop: seeded, so reruns agree
     print(f"trained {args.iterations} iterations in {time.perf_counter() - t:.0f} s")
+    if not np.array_equal(np.load(entry / "features.npy"), oracle):  # e.g. the entry was recomputed as corrupt
+        raise SystemExit(f"export_demo: the run did not train on the oracle features in {entry}")
     # 3. export: a pixel in the middle of the largest object of view 0
     from mvfm_nerfstudio.export import ExportSegment, load_run
 

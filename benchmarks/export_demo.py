@@ -62,10 +62,11 @@ def _oracle_cache(entry: Path, scene: Path) -> np.ndarray:
     ids = load_scene(scene).load_object_ids(range(n))
     onehot = F.one_hot(ids, d).permute(0, 3, 1, 2).float()
     oracle = F.adaptive_avg_pool2d(onehot, (h, w)).permute(0, 2, 3, 1)  # [N, h, w, d]
-    np.save(entry / "features.npy", oracle.numpy().astype(np.float16))
+    stored = oracle.numpy().astype(np.float16)
+    np.save(entry / "features.npy", stored)
     write_bases(entry, fit_pca(oracle.reshape(-1, d), 3), reduction)
     write_meta(entry, meta)
-    return oracle.numpy().astype(np.float16)
+    return stored
 
 
 def _config(scene: Path, out: Path, iterations: int):
